@@ -1,0 +1,154 @@
+"""The dataset directory and its in-memory view.
+
+A dataset directory holds:
+
+- ``interactions.parquet``: ``user`` (int32), ``item`` (int32), ``order`` (int32, 0-based position
+  in the user's chronological history), and where the source has them ``timestamp`` (int64 unix
+  ms), ``rating`` (float32), ``review`` (string); rows sorted by ``(user, order)``.
+- ``items.parquet``: ``item`` (int32), ``item_id`` (raw id), ``title``, ``brand``, ``categories``
+  (list of strings), ``description`` and any extra text fields of the source.
+- ``users.parquet``: ``user`` (int32), ``user_id`` (raw id).
+- ``stats.json`` (counts, density, history length distribution) and ``manifest.json`` (source,
+  filters, parse reports, fingerprint).
+
+Ids: users ``0..n_users-1``, items ``0..n_items-1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llmrec.errors import DataError
+
+REQUIRED_FILES = ("interactions.parquet", "items.parquet", "users.parquet", "stats.json", "manifest.json")
+
+
+def fingerprint(users: np.ndarray, items: np.ndarray) -> str:
+    """A short content hash of the interaction log (user and item columns in row order)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(users, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(items, dtype=np.int32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def history_stats(lengths: np.ndarray) -> dict[str, Any]:
+    """Summary of per-user history lengths."""
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        return {"min": 0, "max": 0, "mean": 0.0}
+    qs = np.percentile(lengths, [25, 50, 75, 90, 99])
+    edges = [1, 2, 3, 5, 10, 20, 50, 100, 1000]
+    hist = {}
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        hist[f"{lo}-{hi - 1}"] = int(((lengths >= lo) & (lengths < hi)).sum())
+    hist[f"{edges[-1]}+"] = int((lengths >= edges[-1]).sum())
+    return {
+        "min": int(lengths.min()),
+        "p25": float(qs[0]),
+        "median": float(qs[1]),
+        "mean": float(lengths.mean()),
+        "p75": float(qs[2]),
+        "p90": float(qs[3]),
+        "p99": float(qs[4]),
+        "max": int(lengths.max()),
+        "histogram": hist,
+    }
+
+
+def compute_stats(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> dict[str, Any]:
+    """Counts, density and history length distribution of an interaction log."""
+    n = int(len(users))
+    return {
+        "users": n_users,
+        "items": n_items,
+        "interactions": n,
+        "density": n / (n_users * n_items) if n_users and n_items else 0.0,
+        "history_length": history_stats(np.bincount(users, minlength=n_users)) if n else history_stats(np.empty(0)),
+        "item_popularity": history_stats(np.bincount(items, minlength=n_items)) if n else history_stats(np.empty(0)),
+    }
+
+
+@dataclass
+class Dataset:
+    """An in-memory dataset: per-user chronological sequences plus the item table.
+
+    ``sequences[u]``: (len_u,) int64 items of user ``u``; ``timestamps[u]``: (len_u,) int64 unix ms
+    or None when the source has no times; ``items``: the items table (row ``i`` is item ``i``).
+    """
+
+    path: Path
+    sequences: list[np.ndarray]
+    timestamps: list[np.ndarray] | None
+    items: pa.Table
+    user_ids: list[str]
+    stats: dict[str, Any]
+    manifest: dict[str, Any]
+
+    @property
+    def n_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def n_items(self) -> int:
+        return self.items.num_rows
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.items.column("item_id").to_pylist()
+
+    def titles(self) -> list[str]:
+        """Title of every item (the raw id where the title is missing)."""
+        titles = self.items.column("title").to_pylist() if "title" in self.items.column_names else []
+        ids = self.item_ids
+        return [t if t else ids[i] for i, t in enumerate(titles or [None] * len(ids))]
+
+    def user_index(self, user_id: str) -> int:
+        """Integer id of raw user id ``user_id`` (DataError if unknown)."""
+        if not hasattr(self, "_user_lookup"):
+            self._user_lookup = {u: i for i, u in enumerate(self.user_ids)}
+        try:
+            return self._user_lookup[user_id]
+        except KeyError:
+            raise DataError(f"{self.path}: unknown user id {user_id!r}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Dataset:
+        """Read a dataset directory written by ``prepare``."""
+        path = Path(path)
+        if not path.is_dir():
+            raise DataError(f"{path}: dataset directory not found (run `llmrec data prepare` first)")
+        missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
+        if missing:
+            raise DataError(f"{path}: not a dataset directory (missing {', '.join(missing)})")
+        inter = pq.read_table(path / "interactions.parquet")
+        users = inter.column("user").to_numpy().astype(np.int64)
+        items = inter.column("item").to_numpy().astype(np.int64)
+        user_table = pq.read_table(path / "users.parquet")
+        n_users = user_table.num_rows
+        bounds = np.searchsorted(users, np.arange(n_users + 1))
+        sequences = [items[bounds[u] : bounds[u + 1]] for u in range(n_users)]
+        timestamps = None
+        if "timestamp" in inter.column_names:
+            ts = inter.column("timestamp").to_numpy(zero_copy_only=False)
+            timestamps = [ts[bounds[u] : bounds[u + 1]].astype(np.int64) for u in range(n_users)]
+        return cls(
+            path=path,
+            sequences=sequences,
+            timestamps=timestamps,
+            items=pq.read_table(path / "items.parquet"),
+            user_ids=user_table.column("user_id").to_pylist(),
+            stats=json.loads((path / "stats.json").read_text()),
+            manifest=json.loads((path / "manifest.json").read_text()),
+        )

@@ -1,0 +1,298 @@
+"""``llmrec data prepare``: raw files -> filtered, integer-coded dataset directory.
+
+Steps: detect the format, parse (streaming, in DuckDB), filter (verified, rating), order each
+user's interactions chronologically, drop repeated (user, item) pairs keeping the first,
+iterative k-core, write the dataset directory atomically (temporary directory, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from llmrec.data.dataset import compute_stats, fingerprint
+from llmrec.data.filters import first_occurrence_mask, kcore_mask
+from llmrec.data.readers import FORMATS, ParseReport, _run, _sql_str, stage_items, stage_reviews
+from llmrec.errors import DataError
+
+
+@dataclass
+class PrepareConfig:
+    """Options of ``data prepare``.
+
+    format: ``auto`` detects it from the file names. k_core: minimum interactions per user and
+    per item (0 = off), applied iteratively. min_history: users with fewer interactions are
+    dropped (enforced inside the same iteration, so the k-core property still holds).
+    """
+
+    format: Literal["auto", "sequences", "amazon2023", "amazon2018"] = "auto"
+    verified_only: bool = False
+    min_rating: float | None = None
+    dedup: bool = True
+    k_core: int = 0
+    min_history: int = 0
+    strict: bool = False
+    memory_limit: str = "2GB"
+    threads: int = 2
+
+
+def _first_existing(folder: Path, names: list[str]) -> Path | None:
+    for n in names:
+        if (folder / n).exists():
+            return folder / n
+    return None
+
+
+def resolve_sources(source: Path, fmt: str = "auto", meta: Path | None = None) -> tuple[str, Path, Path | None]:
+    """(format, interactions file, metadata file or None) for a folder or a file."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    if not source.exists():
+        raise DataError(f"{source}: not found")
+    if source.is_dir():
+        seq = _first_existing(source, ["sequences.jsonl.gz", "sequences.jsonl"])
+        if seq and fmt in ("auto", "sequences"):
+            return "sequences", seq, meta or _first_existing(source, ["items.jsonl.gz", "items.jsonl"])
+        rev = _first_existing(source, ["reviews.jsonl.gz", "reviews.jsonl"])
+        if rev and fmt in ("auto", "amazon2023", "amazon2018"):
+            m = meta or _first_existing(source, ["meta.jsonl.gz", "meta.jsonl"])
+            return ("amazon2023" if fmt == "auto" else fmt), rev, m
+        candidates = sorted(
+            p for p in source.iterdir()
+            if p.is_file() and not p.name.startswith(("meta_", ".")) and p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
+        )
+        if len(candidates) != 1:
+            found = ", ".join(p.name for p in candidates) or "no JSON files"
+            raise DataError(f"{source}: cannot tell which file holds the reviews ({found}); pass the file itself")
+        source = candidates[0]
+    name = source.name
+    base = name.removesuffix(".gz")
+    if fmt == "auto":
+        if base.startswith("sequences"):
+            fmt = "sequences"
+        elif base.endswith(".jsonl"):
+            fmt = "amazon2023"
+        elif base.endswith(".json"):
+            fmt = "amazon2018"
+        else:
+            raise DataError(f"{source}: cannot detect the format from the name; pass --format")
+    if meta is None:
+        if fmt == "sequences":
+            meta = _first_existing(source.parent, ["items.jsonl.gz", "items.jsonl"])
+        else:
+            meta = _first_existing(source.parent, [f"meta_{name}", f"meta_{base}", f"meta_{base}.gz"])
+    return fmt, source, meta
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise DataError(f"{out}: already exists (use --force to replace it)")
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def prepare_dataset(
+    source: str | Path,
+    out: str | Path,
+    config: PrepareConfig | None = None,
+    meta: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build a dataset directory at ``out`` from ``source``; returns the manifest.
+
+    Nothing is left at ``out`` unless every step succeeds.
+    """
+    cfg = config or PrepareConfig()
+    source, out = Path(source), Path(out)
+    fmt, reviews_path, meta_path = resolve_sources(source, cfg.format, Path(meta) if meta else None)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out}: already exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = tmp / "_work"
+    work.mkdir()
+    bar = tqdm(total=6, desc=f"prepare {out.name}", disable=not progress, unit="step")
+    try:
+        con = duckdb.connect(str(work / "db.duckdb"), config={
+            "memory_limit": cfg.memory_limit, "threads": cfg.threads, "temp_directory": str(work / "spill"),
+            "preserve_insertion_order": True,
+        })
+        try:
+            manifest = _build(con, fmt, reviews_path, meta_path, cfg, tmp, work, bar)
+        finally:
+            con.close()
+        shutil.rmtree(work)
+        _replace_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return manifest
+
+
+def _build(
+    con: duckdb.DuckDBPyConnection,
+    fmt: str,
+    reviews_path: Path,
+    meta_path: Path | None,
+    cfg: PrepareConfig,
+    out: Path,
+    work: Path,
+    bar: tqdm,
+) -> dict[str, Any]:
+    reports: list[ParseReport] = []
+    raw = work / "raw.parquet"
+    bar.set_postfix_str("parsing interactions")
+    reports.append(stage_reviews(con, reviews_path, fmt, raw, strict=cfg.strict))  # type: ignore[arg-type]
+    bar.update()
+    meta_raw = work / "meta.parquet"
+    if meta_path is not None:
+        bar.set_postfix_str("parsing metadata")
+        reports.append(stage_items(con, meta_path, fmt, meta_raw, strict=cfg.strict))  # type: ignore[arg-type]
+    bar.update()
+
+    notes: list[str] = []
+    where = ["bad IS NULL", "user_id IS NOT NULL", "item_id IS NOT NULL"]
+    (has_ts, has_rating, has_review, has_verified) = _run(
+        con,
+        f"SELECT count(ts) > 0, count(rating) > 0, count(review) > 0, count(verified) > 0 "
+        f"FROM read_parquet({_sql_str(raw)}) WHERE bad IS NULL",
+    )[0]
+    if cfg.verified_only:
+        if has_verified:
+            where.append("verified IS TRUE")
+        else:
+            notes.append("verified_only: the source has no verified-purchase field; filter skipped")
+    if cfg.min_rating is not None:
+        if has_rating:
+            where.append(f"rating >= {float(cfg.min_rating)}")
+        else:
+            notes.append("min_rating: the source has no ratings; filter skipped")
+    # Chronological order within each user: timestamp, then position in the source.
+    _run(
+        con,
+        f"""CREATE TABLE f AS
+            SELECT dense_rank() OVER (ORDER BY user_id) - 1 AS u0, dense_rank() OVER (ORDER BY item_id) - 1 AS i0,
+                   user_id, item_id, ts, pos, line_no, rating, review
+            FROM read_parquet({_sql_str(raw)}) WHERE {' AND '.join(where)}
+            ORDER BY u0, ts NULLS LAST, line_no, pos""",
+    )
+    _run(con, "CREATE TABLE f2 AS SELECT row_number() OVER () - 1 AS rid, * FROM f")
+    _run(con, "DROP TABLE f")
+    raw.unlink()
+    n_after_filters = int(_run(con, "SELECT count(*) FROM f2")[0][0])
+    if n_after_filters == 0:
+        raise DataError(f"{reviews_path}: no interactions left after filtering ({'; '.join(where)})")
+    bar.update()
+
+    bar.set_postfix_str("dedup and k-core")
+    arrays = con.execute("SELECT u0, i0 FROM f2 ORDER BY rid").fetchnumpy()
+    u0 = np.asarray(arrays["u0"], dtype=np.int64)
+    i0 = np.asarray(arrays["i0"], dtype=np.int64)
+    del arrays
+    keep = first_occurrence_mask(u0, i0) if cfg.dedup else np.ones(len(u0), dtype=bool)
+    n_after_dedup = int(keep.sum())
+    k_user = max(cfg.k_core, cfg.min_history)
+    if k_user > 0 or cfg.k_core > 0:
+        idx = np.flatnonzero(keep)
+        sub = kcore_mask(u0[idx], i0[idx], k_user, cfg.k_core)
+        keep[idx[~sub]] = False
+    kept_rids = pa.table({"rid": pa.array(np.flatnonzero(keep).astype(np.int64))})
+    del u0, i0, keep
+    con.register("kept_rids", kept_rids)
+    _run(con, "CREATE TABLE k AS SELECT f2.* FROM f2 SEMI JOIN kept_rids USING (rid)")
+    con.unregister("kept_rids")
+    _run(con, "DROP TABLE f2")
+    n_final = int(_run(con, "SELECT count(*) FROM k")[0][0])
+    if n_final == 0:
+        raise DataError(
+            f"{reviews_path}: no interactions left after k-core (k_core={cfg.k_core}, "
+            f"min_history={cfg.min_history}); lower them"
+        )
+    bar.update()
+
+    bar.set_postfix_str("writing")
+    _run(con, "CREATE TABLE umap AS SELECT user_id, CAST(row_number() OVER (ORDER BY user_id) - 1 AS INTEGER) AS user "
+              "FROM (SELECT DISTINCT user_id FROM k)")
+    _run(con, "CREATE TABLE imap AS SELECT item_id, CAST(row_number() OVER (ORDER BY item_id) - 1 AS INTEGER) AS item "
+              "FROM (SELECT DISTINCT item_id FROM k)")
+    cols = ["umap.user AS user", "imap.item AS item",
+            "CAST(row_number() OVER (PARTITION BY umap.user ORDER BY k.rid) - 1 AS INTEGER) AS \"order\""]
+    if has_ts:
+        cols.append("k.ts AS timestamp")
+    if has_rating:
+        cols.append("CAST(k.rating AS FLOAT) AS rating")
+    if has_review:
+        cols.append("k.review AS review")
+    _run(
+        con,
+        f"""COPY (SELECT {', '.join(cols)} FROM k JOIN umap USING (user_id) JOIN imap USING (item_id)
+                 ORDER BY user, "order") TO {_sql_str(out / 'interactions.parquet')} (FORMAT parquet)""",
+    )
+    _run(con, f"COPY (SELECT user, user_id FROM umap ORDER BY user) TO {_sql_str(out / 'users.parquet')} (FORMAT parquet)")
+    n_meta_matched = 0
+    if meta_path is not None:
+        _run(
+            con,
+            f"""COPY (SELECT imap.item, imap.item_id, m.* EXCLUDE (line_no, bad, item_id)
+                     FROM imap LEFT JOIN (SELECT * FROM read_parquet({_sql_str(meta_raw)}) WHERE bad IS NULL
+                                          QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY line_no) = 1) m
+                     USING (item_id) ORDER BY imap.item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
+        )
+        n_meta_matched = int(_run(
+            con,
+            f"SELECT count(*) FROM imap SEMI JOIN read_parquet({_sql_str(meta_raw)}) m USING (item_id)",
+        )[0][0])
+    else:
+        notes.append("no metadata file: items have no text fields")
+        _run(
+            con,
+            f"""COPY (SELECT item, item_id, CAST(NULL AS VARCHAR) AS title, CAST(NULL AS VARCHAR) AS brand,
+                            CAST(NULL AS VARCHAR[]) AS categories, CAST(NULL AS VARCHAR) AS description
+                     FROM imap ORDER BY item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
+        )
+    final = con.execute(
+        "SELECT umap.user AS u, imap.item AS i FROM k JOIN umap USING (user_id) JOIN imap USING (item_id) "
+        "ORDER BY u, k.rid"
+    ).fetchnumpy()
+    users = np.asarray(final["u"], dtype=np.int64)
+    items = np.asarray(final["i"], dtype=np.int64)
+    n_users = int(_run(con, "SELECT count(*) FROM umap")[0][0])
+    n_items = int(_run(con, "SELECT count(*) FROM imap")[0][0])
+    stats = compute_stats(users, items, n_users, n_items)
+    manifest: dict[str, Any] = {
+        "format": fmt,
+        "source": {"interactions": str(reviews_path), "metadata": str(meta_path) if meta_path else None},
+        "config": asdict(cfg),
+        "parse_reports": [asdict(r) for r in reports],
+        "counts": {
+            "after_filters": n_after_filters,
+            "after_dedup": n_after_dedup,
+            "final": n_final,
+            "items_with_metadata": n_meta_matched,
+        },
+        "columns": {"timestamp": bool(has_ts), "rating": bool(has_rating), "review": bool(has_review)},
+        "notes": notes,
+        "fingerprint": fingerprint(users, items),
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    bar.update(2)
+    return manifest

@@ -1,0 +1,244 @@
+"""Streaming readers for the Amazon raw files and the sequence format, built on DuckDB.
+
+Each reader scans a JSON Lines file (plain or gzipped) line by line inside DuckDB, so memory
+stays bounded whatever the file size, and writes a normalized Parquet file:
+
+- interactions: ``line_no, bad, user_id, item_id, ts (unix ms or NULL), pos, rating, review, verified``
+  (``pos`` orders a user's items where there is no timestamp: the list position in the
+  sequence format, otherwise the line number);
+- items: ``line_no, bad, item_id, title, brand, categories (list), description`` plus format-specific extras.
+
+Malformed lines (invalid JSON, missing or wrongly typed required fields) are counted and
+reported with their line numbers (column ``bad`` holds the reason, NULL for good rows, so
+consumers read ``WHERE bad IS NULL``); ``strict=True`` makes the first one fatal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+
+from llmrec.errors import DataError
+
+Format = Literal["sequences", "amazon2023", "amazon2018"]
+FORMATS: tuple[str, ...] = ("sequences", "amazon2023", "amazon2018")
+MAX_REPORTED_BAD_LINES = 20
+
+
+@dataclass
+class ParseReport:
+    """What a reader saw in one file."""
+
+    file: str
+    lines: int = 0
+    rows: int = 0
+    bad_lines: int = 0
+    examples: list[tuple[int, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{self.file}: {self.lines} lines, {self.rows} rows, {self.bad_lines} malformed"
+        if self.examples:
+            s += " (" + "; ".join(f"line {n}: {why}" for n, why in self.examples[:5]) + ")"
+        return s
+
+
+def _sql_str(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def check_file(path: Path) -> None:
+    """Fail clearly on a missing, empty or truncated/corrupt gzip file."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as f:
+                if not f.read(1):
+                    raise DataError(f"{path}: file is empty (an empty gzip stream)")
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
+
+
+def _run(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple]:
+    """Execute ``sql`` and fetch every row (leaves no unfinished result on the connection)."""
+    return con.execute(sql).fetchall()
+
+
+def _lines_source(path: Path) -> str:
+    return (
+        f"(SELECT row_number() OVER () AS line_no, line FROM read_csv({_sql_str(path)}, "
+        "columns={'line': 'VARCHAR'}, header=false, delim=chr(1), quote='', escape='', "
+        "new_line='\\n', auto_detect=false, strict_mode=false))"
+    )
+
+
+# Per format: (json paths extracted once per line, SELECT list over v[...] and line_no, the
+# conditions that make a line malformed, as (sql condition, reason) pairs).
+_REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
+    "amazon2023": (
+        ["$.user_id", "$.parent_asin", "$.asin", "$.timestamp", "$.rating", "$.title", "$.text",
+         "$.verified_purchase"],
+        """v[1] AS user_id, coalesce(v[2], v[3]) AS item_id, TRY_CAST(v[4] AS BIGINT) AS ts,
+           line_no AS pos, TRY_CAST(v[5] AS DOUBLE) AS rating,
+           nullif(concat_ws('. ', nullif(v[6], ''), nullif(v[7], '')), '') AS review,
+           TRY_CAST(v[8] AS BOOLEAN) AS verified""",
+        [("v[1] IS NULL", "missing field user_id"),
+         ("coalesce(v[2], v[3]) IS NULL", "missing field parent_asin"),
+         ("v[4] IS NOT NULL AND TRY_CAST(v[4] AS BIGINT) IS NULL", "field timestamp is not an integer"),
+         ("v[5] IS NOT NULL AND TRY_CAST(v[5] AS DOUBLE) IS NULL", "field rating is not a number")],
+    ),
+    "amazon2018": (
+        ["$.reviewerID", "$.asin", "$.unixReviewTime", "$.overall", "$.summary", "$.reviewText",
+         "$.verified"],
+        """v[1] AS user_id, v[2] AS item_id, TRY_CAST(v[3] AS BIGINT) * 1000 AS ts,
+           line_no AS pos, TRY_CAST(v[4] AS DOUBLE) AS rating,
+           nullif(concat_ws('. ', nullif(v[5], ''), nullif(v[6], '')), '') AS review,
+           TRY_CAST(v[7] AS BOOLEAN) AS verified""",
+        [("v[1] IS NULL", "missing field reviewerID"),
+         ("v[2] IS NULL", "missing field asin"),
+         ("v[3] IS NOT NULL AND TRY_CAST(v[3] AS BIGINT) IS NULL", "field unixReviewTime is not an integer"),
+         ("v[4] IS NOT NULL AND TRY_CAST(v[4] AS DOUBLE) IS NULL", "field overall is not a number")],
+    ),
+}
+
+_ITEM_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
+    "sequences": (
+        ["$.item_id", "$.title", "$.brand", "$.categories", "$.description"],
+        """v[1] AS item_id, v[2] AS title, v[3] AS brand,
+           TRY_CAST(try(json_extract(line, '$.categories')) AS VARCHAR[]) AS categories, v[5] AS description""",
+        [("v[1] IS NULL", "missing field item_id")],
+    ),
+    "amazon2023": (
+        ["$.parent_asin", "$.title", "$.store", "$.categories", "$.description", "$.main_category",
+         "$.price", "$.features", "$.average_rating", "$.rating_number"],
+        """v[1] AS item_id, v[2] AS title, v[3] AS brand,
+           TRY_CAST(try(json_extract(line, '$.categories')) AS VARCHAR[]) AS categories,
+           nullif(array_to_string(TRY_CAST(try(json_extract(line, '$.description')) AS VARCHAR[]), ' '), '')
+             AS description,
+           v[6] AS main_category, v[7] AS price,
+           nullif(array_to_string(TRY_CAST(try(json_extract(line, '$.features')) AS VARCHAR[]), ' '), '') AS features,
+           TRY_CAST(v[9] AS DOUBLE) AS average_rating, TRY_CAST(v[10] AS BIGINT) AS rating_number""",
+        [("v[1] IS NULL", "missing field parent_asin")],
+    ),
+    "amazon2018": (
+        ["$.asin", "$.title", "$.brand", "$.category", "$.description", "$.price", "$.main_cat"],
+        """v[1] AS item_id, v[2] AS title, v[3] AS brand,
+           TRY_CAST(try(json_extract(line, '$.category')) AS VARCHAR[]) AS categories,
+           coalesce(nullif(array_to_string(TRY_CAST(try(json_extract(line, '$.description')) AS VARCHAR[]), ' '), ''),
+                    CASE WHEN try(json_type(line, '$.description')) = 'VARCHAR' THEN v[5] END) AS description,
+           v[6] AS price, v[7] AS main_category""",
+        [("v[1] IS NULL", "missing field asin")],
+    ),
+}
+
+
+def _stage(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    paths: list[str],
+    select: str,
+    checks: list[tuple[str, str]],
+    out: Path,
+    strict: bool,
+) -> ParseReport:
+    """Scan ``path`` once, parsing each line a single time, into Parquet file ``out``.
+
+    ``out`` has ``line_no``, ``bad`` (NULL for a good line, else the reason it is malformed)
+    and the ``select`` columns. ``select`` may read ``line`` (guard JSON calls with ``try``),
+    ``v`` (the list of values at ``paths``, as strings) and ``line_no``.
+    """
+    check_file(path)
+    plist = "[" + ", ".join(f"'{p}'" for p in paths) + "]"
+    reason = "CASE WHEN v IS NULL THEN 'invalid JSON' "
+    reason += " ".join(f"WHEN {cond} THEN '{why}'" for cond, why in checks) + " END"
+    try:
+        _run(
+            con,
+            f"""COPY (SELECT line_no, {reason} AS bad, {select}
+                FROM (SELECT line_no, line, try(json_extract_string(line, {plist})) AS v
+                      FROM {_lines_source(path)} WHERE trim(line) <> ''))
+                TO {_sql_str(out)} (FORMAT parquet)""",
+        )
+        report = ParseReport(file=str(path))
+        ((n_lines, n_bad),) = _run(con, f"SELECT count(*), count(bad) FROM read_parquet({_sql_str(out)})")
+        report.lines, report.bad_lines, report.rows = int(n_lines), int(n_bad), int(n_lines - n_bad)
+        if n_lines == 0:
+            raise DataError(f"{path}: file has no lines")
+        if n_bad:
+            report.examples = [
+                (int(n), str(why))
+                for n, why in _run(
+                    con,
+                    f"SELECT line_no, bad FROM read_parquet({_sql_str(out)}) WHERE bad IS NOT NULL "
+                    f"ORDER BY line_no LIMIT {MAX_REPORTED_BAD_LINES}",
+                )
+            ]
+            n, why = report.examples[0]
+            if strict:
+                raise DataError(f"{path}:{n}: {why} (--strict stops at the first malformed line)")
+            if n_bad * 2 > n_lines:
+                raise DataError(
+                    f"{path}: wrong schema: {n_bad} of {n_lines} lines are malformed "
+                    f"(first at line {n}: {why}); is this the right format?"
+                )
+    except duckdb.Error as e:
+        out.unlink(missing_ok=True)
+        raise DataError(f"{path}: could not be read ({str(e).splitlines()[0]})") from None
+    except DataError:
+        out.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def stage_reviews(
+    con: duckdb.DuckDBPyConnection, path: Path, fmt: Format, out: Path, strict: bool = False
+) -> ParseReport:
+    """Normalize a review / sequence file into an interactions Parquet file at ``out``."""
+    if fmt == "sequences":
+        paths = ["$.user_id", "$.item_ids"]
+        checks = [
+            ("v[1] IS NULL", "missing field user_id"),
+            ("v[2] IS NULL", "missing field item_ids"),
+            ("TRY_CAST(try(json_extract(line, '$.item_ids')) AS VARCHAR[]) IS NULL",
+             "field item_ids is not a list of strings"),
+        ]
+        select = "v[1] AS user_id, TRY_CAST(try(json_extract(line, '$.item_ids')) AS VARCHAR[]) AS item_ids"
+        tmp = out.with_suffix(".lists.parquet")
+        report = _stage(con, path, paths, select, checks, tmp, strict)
+        try:
+            _run(
+                con,
+                f"""COPY (SELECT line_no, bad, user_id, item_ids[i] AS item_id, CAST(NULL AS BIGINT) AS ts,
+                             i AS pos, CAST(NULL AS DOUBLE) AS rating, CAST(NULL AS VARCHAR) AS review,
+                             CAST(NULL AS BOOLEAN) AS verified
+                          FROM read_parquet({_sql_str(tmp)}),
+                               range(1, CAST(coalesce(len(item_ids), 0) + 1 AS BIGINT)) AS r(i)
+                          WHERE bad IS NULL) TO {_sql_str(out)} (FORMAT parquet)""",
+            )
+        finally:
+            tmp.unlink(missing_ok=True)
+        report.rows = int(_run(con, f"SELECT count(*) FROM read_parquet({_sql_str(out)})")[0][0])
+        return report
+    if fmt not in _REVIEW_SPECS:
+        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    paths, select, checks = _REVIEW_SPECS[fmt]
+    return _stage(con, path, paths, select, checks, out, strict)
+
+
+def stage_items(
+    con: duckdb.DuckDBPyConnection, path: Path, fmt: Format, out: Path, strict: bool = False
+) -> ParseReport:
+    """Normalize an item metadata file into an items Parquet file at ``out``."""
+    if fmt not in _ITEM_SPECS:
+        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    paths, select, checks = _ITEM_SPECS[fmt]
+    return _stage(con, path, paths, select, checks, out, strict)

@@ -1,0 +1,148 @@
+"""The one interface every recommender implements, and shared top-K selection.
+
+Id spaces: items are the dataset's integer ids ``0..n_items-1``; a history is a 1-D int64 array
+of item ids in chronological order. Score matrices are always ``(n_histories, n_items)`` float32,
+users in rows, items in columns (the orientation never changes).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+from llmrec.data.splits import PAD_ITEM, Split
+
+
+def top_k(
+    scores: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` items per row of ``scores`` (n, n_items), best first.
+
+    ``exclude[i]`` lists item ids removed from row ``i``. Ties are broken by the lower item id,
+    so the result does not depend on batching. Rows with fewer than ``k`` rankable items are
+    padded with item ``PAD_ITEM`` (-1) and score ``-inf``. Returns ``(ids int64, scores float32)``.
+    """
+    if k < 1:
+        raise ValueError(f"top_k: k must be >= 1, got {k}")
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    n, n_items = scores.shape
+    if exclude is not None:
+        for i, items in enumerate(exclude):
+            items = np.asarray(items, dtype=np.int64)
+            items = items[(items >= 0) & (items < n_items)]
+            scores[i, items] = -np.inf
+    scores[np.isnan(scores)] = -np.inf
+    k_eff = min(k, n_items)
+    if k_eff < n_items:
+        part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+        # argpartition is unstable on ties at the boundary: take every item that ties the k-th score.
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)
+        cand_mask = scores >= kth
+        ids = np.full((n, k), PAD_ITEM, dtype=np.int64)
+        out = np.full((n, k), -np.inf, dtype=np.float32)
+        for i in range(n):
+            cand = np.flatnonzero(cand_mask[i])
+            order = np.lexsort((cand, -scores[i, cand]))[:k_eff]
+            ids[i, :k_eff] = cand[order]
+            out[i, :k_eff] = scores[i, cand[order]]
+    else:
+        order = np.lexsort((np.broadcast_to(np.arange(n_items), scores.shape), -scores), axis=1)
+        ids = np.full((n, k), PAD_ITEM, dtype=np.int64)
+        out = np.full((n, k), -np.inf, dtype=np.float32)
+        ids[:, :k_eff] = order[:, :k_eff]
+        out[:, :k_eff] = np.take_along_axis(scores, order[:, :k_eff], axis=1)
+    ids[out == -np.inf] = PAD_ITEM
+    return ids, out
+
+
+class Recommender(ABC):
+    """Base class of every model: ``fit``, ``score``, ``recommend``, ``save``, ``load``.
+
+    Subclasses set ``name`` (registry key) and ``Config`` (a dataclass) and implement
+    ``fit``, ``score``, ``_state`` / ``_load_state``. Weights are stored as safetensors,
+    everything else as JSON; never pickle.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any, n_items: int) -> None:
+        self.config = config
+        self.n_items = int(n_items)
+
+    @abstractmethod
+    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+        """Train on ``split.train`` (``split.valid`` may be used for early stopping, never ``test``).
+
+        Returns a dict of training facts (epochs, best validation metric, ...).
+        """
+
+    @abstractmethod
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, n_items) float32 scores; higher is better. Seen items are *not* masked here."""
+
+    def recommend(
+        self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (ids, scores), each (n, k); history items are excluded unless told otherwise."""
+        ids, scores = [], []
+        for start in range(0, len(histories), batch_size):
+            batch = [np.asarray(h, dtype=np.int64) for h in histories[start : start + batch_size]]
+            s = self.score(batch)
+            i, v = top_k(s, k, batch if exclude_seen else None)
+            ids.append(i)
+            scores.append(v)
+        if not ids:
+            return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+        return np.concatenate(ids), np.concatenate(scores)
+
+    # --- persistence -------------------------------------------------------------------
+    @abstractmethod
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(tensors, json-able extra state) to persist."""
+
+    @abstractmethod
+    def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        """Restore from what ``_state`` returned."""
+
+    def save(self, path: str | Path) -> None:
+        """Write ``model.json`` and ``weights.safetensors`` into directory ``path``."""
+        from dataclasses import asdict
+
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors, extra = self._state()
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        tmp = path / "weights.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(path / "weights.safetensors")
+        meta = {"model": self.name, "n_items": self.n_items, "config": asdict(self.config), "extra": extra}
+        tmp_json = path / "model.json.tmp"
+        tmp_json.write_text(json.dumps(meta, indent=2))
+        tmp_json.replace(path / "model.json")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Load a model saved by :meth:`save` (the class must match ``model.json``)."""
+        from safetensors.numpy import load_file
+
+        from llmrec.config import from_dict
+
+        path = Path(path)
+        meta_file = path / "model.json"
+        if not meta_file.exists():
+            raise FileNotFoundError(f"{meta_file}: no saved model here")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("model") != cls.name:
+            raise ValueError(f"{meta_file}: holds a {meta.get('model')!r} model, not {cls.name!r}")
+        model = cls(from_dict(cls.Config, meta["config"], where=str(meta_file)), meta["n_items"])
+        model._load_state(load_file(str(path / "weights.safetensors")), meta["extra"])
+        return model
+

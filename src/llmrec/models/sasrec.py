@@ -1,0 +1,355 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, 2018), nanoGPT style.
+
+A causal Transformer reads a user's last ``max_len`` items and predicts the next item at every
+position. Training uses the full softmax (cross-entropy over all items), not sampled negatives;
+the item embedding matrix doubles as the output layer (``logits = h @ E_items^T``).
+
+Id spaces: dataset items are ``0..n_items-1``. Inside the network every item is shifted by +1 so
+that token ``0`` is padding; input rows are left-padded and long histories are truncated from the
+oldest end, so the most recent item always sits in the last column. Logits are over dataset ids
+``0..n_items-1`` (the padding token is never scored).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llmrec.data.splits import Split
+from llmrec.eval.metrics import ranking_metrics
+from llmrec.models.base import Recommender
+
+
+@dataclass
+class SASRecConfig:
+    """Hyper-parameters of :class:`SASRec` (defaults tuned on Amazon Beauty validation)."""
+
+    hidden_size: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    inner_size: int = 256  # feed-forward width
+    dropout: float = 0.5  # embedding / residual / feed-forward dropout
+    attn_dropout: float = 0.5  # dropout on attention weights
+    max_len: int = 50  # longest input sequence; older items are dropped
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # decoupled (AdamW); 0 gives plain Adam
+    batch_size: int = 256  # training sequences per step
+    max_epochs: int = 200
+    eval_every: int = 1  # epochs between validation evaluations
+    patience: int = 10  # evaluations without improvement before stopping
+    max_minutes: float = 15.0  # wall-clock training budget (validation time included)
+    seed: int = 0
+    num_threads: int = 2  # torch CPU threads during fit/score (0 keeps torch's setting)
+    device: str = "cpu"  # "cpu" or "cuda"
+    eval_batch_size: int = 512  # histories per scoring batch
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.n_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("hidden_size", "n_layers", "n_heads", "inner_size", "max_len", "batch_size",
+                     "max_epochs", "eval_every", "patience", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0):
+            raise ValueError("dropout and attn_dropout must be in [0, 1)")
+        if self.max_minutes <= 0:
+            raise ValueError("max_minutes must be > 0")
+        if self.num_threads < 0:
+            raise ValueError("num_threads must be >= 0")
+
+
+# --- network ------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention that also ignores padding keys."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, H); attn_mask: (B, 1, L, L) bool, True = may attend. Returns (B, L, H)."""
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, L, H)
+        q = q.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2)  # (B, nh, L, hs)
+        k = k.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2)  # (B, nh, L, hs)
+        v = v.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2)  # (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )  # (B, nh, L, hs)
+        y = y.transpose(1, 2).contiguous().view(B, L, H)  # (B, L, H)
+        return self.resid_dropout(self.proj(y))  # (B, L, H)
+
+
+class FeedForward(nn.Module):
+    """Position-wise two-layer MLP with GELU."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.hidden_size, cfg.inner_size)
+        self.proj = nn.Linear(cfg.inner_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, H) -> (B, L, H)."""
+        return self.dropout(self.proj(self.dropout(F.gelu(self.fc(x)))))  # (B, L, H)
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, H) -> (B, L, H)."""
+        x = x + self.attn(self.ln_1(x), attn_mask)  # (B, L, H)
+        x = x + self.ffn(self.ln_2(x))  # (B, L, H)
+        return x
+
+
+class SASRecNet(nn.Module):
+    """The Transformer. Tokens are shifted item ids: 0 = padding, 1..n_items = items 0..n_items-1."""
+
+    def __init__(self, cfg: SASRecConfig, n_items: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(n_items + 1, cfg.hidden_size, padding_idx=0)  # row 0 = padding
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden_size)  # position counted from the left
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, L) int64 left-padded, L <= max_len. Returns (B, L, H) final hidden states.
+
+        Columns are aligned to the right end of the ``max_len`` window, so a batch trimmed to its
+        longest row gives the same result as the full ``max_len`` padding.
+        """
+        B, L = tokens.shape
+        cfg = self.cfg
+        pos = torch.arange(cfg.max_len - L, cfg.max_len, device=tokens.device)  # (L,)
+        x = self.item_emb(tokens) * math.sqrt(cfg.hidden_size) + self.pos_emb(pos)  # (B, L, H)
+        nonpad = tokens != 0  # (B, L)
+        x = self.drop(x) * nonpad.unsqueeze(-1)  # (B, L, H)
+        causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()  # (L, L)
+        eye = torch.eye(L, dtype=torch.bool, device=tokens.device)  # (L, L)
+        # a query sees earlier non-pad keys and always itself (so all-pad rows never become NaN)
+        attn_mask = (causal & (nonpad[:, None, :] | eye)).unsqueeze(1)  # (B, 1, L, L)
+        for block in self.blocks:
+            x = block(x, attn_mask) * nonpad.unsqueeze(-1)  # (B, L, H)
+        return self.ln_f(x)  # (B, L, H)
+
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens: (B, L) shifted ids; targets: (B, L) shifted next-item ids, 0 = no target.
+
+        With ``targets``: logits (N, n_items) at the N positions with a target and the mean
+        cross-entropy loss. Without: logits (B, n_items) at the last position and ``None``.
+        Logit column ``j`` is dataset item ``j``.
+        """
+        h = self.hidden(tokens)  # (B, L, H)
+        out_emb = self.item_emb.weight[1:]  # (n_items, H)
+        if targets is None:
+            return h[:, -1, :] @ out_emb.T, None  # (B, n_items)
+        keep = targets != 0  # (B, L)
+        logits = h[keep] @ out_emb.T  # (N, n_items)
+        loss = F.cross_entropy(logits, targets[keep] - 1)  # targets[keep]-1: (N,) dataset ids
+        return logits, loss
+
+
+# --- recommender --------------------------------------------------------------------------
+
+
+def _left_pad(seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """(n, width) int64 array of the last ``width`` entries of each row, left-padded with 0."""
+    out = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = np.asarray(s, dtype=np.int64)[-width:]
+        if len(s):
+            out[i, width - len(s) :] = s
+    return out
+
+
+class SASRec(Recommender):
+    """SASRec with full-softmax cross-entropy training and validation early stopping."""
+
+    name = "sasrec"
+    Config = SASRecConfig
+
+    def __init__(self, config: SASRecConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        self.device = torch.device(config.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.net = SASRecNet(config, self.n_items).to(self.device)
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _set_threads(self) -> int:
+        old = torch.get_num_threads()
+        if self.config.num_threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(self.config.num_threads)
+        return old
+
+    def _training_rows(self, train: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Shifted (inputs, targets), each (n_rows, max_len), one row per sequence with >= 2 items."""
+        L = self.config.max_len
+        seqs = [np.asarray(s, dtype=np.int64)[-(L + 1) :] + 1 for s in train if len(s) >= 2]
+        inputs = _left_pad([s[:-1] for s in seqs], L)  # (n_rows, L)
+        targets = _left_pad([s[1:] for s in seqs], L)  # (n_rows, L)
+        return inputs, targets
+
+    def _batches(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """Row-index batches of similar length (less padding), in random order.
+
+        Rows are sorted by length with random tie-breaking, cut into ``batch_size`` chunks,
+        and the chunk order is shuffled.
+        """
+        order = np.lexsort((rng.random(len(lengths)), lengths))
+        bs = self.config.batch_size
+        chunks = [order[i : i + bs] for i in range(0, len(order), bs)]
+        return [chunks[i] for i in rng.permutation(len(chunks))]
+
+    def _validate(self, split: Split) -> float:
+        ranked, _ = self.recommend(split.valid.histories, k=10, batch_size=self.config.eval_batch_size)
+        return float(np.nanmean(ranking_metrics(ranked, split.valid.targets, [10], ["ndcg"])["ndcg@10"]))
+
+    # --- Recommender API -------------------------------------------------------------------
+    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+        """Train on ``split.train``; early-stop on validation NDCG@10 (``split.test`` is never read).
+
+        Returns ``{"epochs", "best_epoch", "best_valid_ndcg@10", "train_seconds", "stopped"}``.
+        """
+        cfg = self.config
+        if split.n_items != self.n_items:
+            raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
+        old_threads = self._set_threads()
+        start = time.perf_counter()
+        deadline = start + 60.0 * cfg.max_minutes
+        inputs, targets = self._training_rows(split.train)  # (R, L) each
+        lengths = (inputs != 0).sum(axis=1)  # (R,)
+        rng = np.random.default_rng(cfg.seed)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        has_valid = len(split.valid) > 0
+        best_ndcg, best_epoch, bad_evals, epoch, stopped = -1.0, 0, 0, 0, "max_epochs"
+        best_state = copy.deepcopy(self.net.state_dict())
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=cfg.max_epochs, desc="sasrec", disable=not progress, unit="ep")
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + 1)
+                for epoch in range(1, cfg.max_epochs + 1):
+                    self.net.train()
+                    total, count = 0.0, 0
+                    out_of_time = False
+                    for idx in self._batches(lengths, rng):
+                        width = int(lengths[idx].max())
+                        x = torch.from_numpy(inputs[idx, -width:]).to(self.device)  # (b, width)
+                        y = torch.from_numpy(targets[idx, -width:]).to(self.device)  # (b, width)
+                        _, loss = self.net(x, y)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()  # type: ignore[union-attr]
+                        opt.step()
+                        n = int((y != 0).sum())
+                        total += float(loss) * n
+                        count += n
+                        if time.perf_counter() > deadline:
+                            out_of_time = True
+                            break
+                    record = {"epoch": float(epoch), "loss": total / max(count, 1)}
+                    if has_valid and (epoch % cfg.eval_every == 0 or out_of_time or epoch == cfg.max_epochs):
+                        ndcg = self._validate(split)
+                        record["valid_ndcg@10"] = ndcg
+                        if ndcg > best_ndcg:
+                            best_ndcg, best_epoch, bad_evals = ndcg, epoch, 0
+                            best_state = copy.deepcopy(self.net.state_dict())
+                        else:
+                            bad_evals += 1
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", ndcg=f"{ndcg:.4f}", best=f"{best_ndcg:.4f}")
+                    else:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    history.append(record)
+                    bar.update(1)
+                    if out_of_time or time.perf_counter() > deadline:
+                        stopped = "max_minutes"
+                        break
+                    if has_valid and bad_evals >= cfg.patience:
+                        stopped = "patience"
+                        break
+        finally:
+            bar.close()
+            torch.set_num_threads(old_threads)
+        if has_valid:
+            self.net.load_state_dict(best_state)
+        else:
+            best_epoch = epoch
+        self.net.eval()
+        return {
+            "epochs": epoch,
+            "best_epoch": best_epoch,
+            "best_valid_ndcg@10": best_ndcg if has_valid else float("nan"),
+            "train_seconds": time.perf_counter() - start,
+            "stopped": stopped,
+            "history": history,
+        }
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, n_items) float32 next-item logits for each history of dataset item ids."""
+        old_threads = self._set_threads()
+        self.net.eval()
+        L, bs = self.config.max_len, self.config.eval_batch_size
+        out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        try:
+            with torch.no_grad():
+                for s in range(0, len(histories), bs):
+                    chunk = [np.asarray(h, dtype=np.int64) + 1 for h in histories[s : s + bs]]
+                    width = max(1, min(L, max(len(h) for h in chunk)))
+                    # one padded column when a row is empty: trimming must not change results
+                    tokens = torch.from_numpy(_left_pad(chunk, width)).to(self.device)  # (b, width)
+                    logits, _ = self.net(tokens)  # (b, n_items)
+                    out[s : s + len(chunk)] = logits.float().cpu().numpy()
+        finally:
+            torch.set_num_threads(old_threads)
+        return out
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors = {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
+        return tensors, {}
+
+    def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        state = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
+        self.net.load_state_dict(state, strict=True)
+        self.net.eval()
