@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import types
-import typing
+
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -143,4 +143,4 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 __all__ = ["ConfigError", "apply_overrides", "from_dict", "load_toml", "parse_override", "to_dict"]
-_ = typing  # keep the import for forward references in dataclass hints
+

@@ -17,6 +17,7 @@ Ids: users ``0..n_users-1``, items ``0..n_items-1``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ def history_stats(lengths: np.ndarray) -> dict[str, Any]:
     qs = np.percentile(lengths, [25, 50, 75, 90, 99])
     edges = [1, 2, 3, 5, 10, 20, 50, 100, 1000]
     hist = {}
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         hist[f"{lo}-{hi - 1}"] = int(((lengths >= lo) & (lengths < hi)).sum())
     hist[f"{edges[-1]}+"] = int((lengths >= edges[-1]).sum())
     return {
@@ -65,7 +66,7 @@ def history_stats(lengths: np.ndarray) -> dict[str, Any]:
 
 def compute_stats(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> dict[str, Any]:
     """Counts, density and history length distribution of an interaction log."""
-    n = int(len(users))
+    n = len(users)
     return {
         "users": n_users,
         "items": n_items,

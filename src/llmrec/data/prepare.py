@@ -56,7 +56,7 @@ def _first_existing(folder: Path, names: list[str]) -> Path | None:
 def resolve_sources(source: Path, fmt: str = "auto", meta: Path | None = None) -> tuple[str, Path, Path | None]:
     """(format, interactions file, metadata file or None) for a folder or a file."""
     if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+        raise DataError(f"{source}: unknown format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
     if not source.exists():
         raise DataError(f"{source}: not found")
     if source.is_dir():
@@ -129,10 +129,11 @@ def prepare_dataset(
     work.mkdir()
     bar = tqdm(total=6, desc=f"prepare {out.name}", disable=not progress, unit="step")
     try:
-        con = duckdb.connect(str(work / "db.duckdb"), config={
+        con = duckdb.connect(config={
             "memory_limit": cfg.memory_limit, "threads": cfg.threads, "temp_directory": str(work / "spill"),
             "preserve_insertion_order": True,
         })
+        con.execute("SET enable_progress_bar = false").fetchall()
         try:
             manifest = _build(con, fmt, reviews_path, meta_path, cfg, tmp, work, bar)
         finally:
@@ -185,65 +186,77 @@ def _build(
             where.append(f"rating >= {float(cfg.min_rating)}")
         else:
             notes.append("min_rating: the source has no ratings; filter skipped")
-    # Chronological order within each user: timestamp, then position in the source.
-    _run(
-        con,
-        f"""CREATE TABLE f AS
-            SELECT dense_rank() OVER (ORDER BY user_id) - 1 AS u0, dense_rank() OVER (ORDER BY item_id) - 1 AS i0,
-                   user_id, item_id, ts, pos, line_no, rating, review
-            FROM read_parquet({_sql_str(raw)}) WHERE {' AND '.join(where)}
-            ORDER BY u0, ts NULLS LAST, line_no, pos""",
-    )
-    _run(con, "CREATE TABLE f2 AS SELECT row_number() OVER () - 1 AS rid, * FROM f")
-    _run(con, "DROP TABLE f")
-    raw.unlink()
-    n_after_filters = int(_run(con, "SELECT count(*) FROM f2")[0][0])
+    # Only the key columns go through ordering, dedup and k-core; text joins back at the end.
+    _run(con, f"CREATE TABLE keys AS SELECT line_no, pos, ts, user_id, item_id FROM read_parquet({_sql_str(raw)}) "
+              f"WHERE {' AND '.join(where)}")
+    n_after_filters = int(_run(con, "SELECT count(*) FROM keys")[0][0])
     if n_after_filters == 0:
         raise DataError(f"{reviews_path}: no interactions left after filtering ({'; '.join(where)})")
+    # Codes in raw-id order, so that re-coding a subset with np.unique keeps that order.
+    _run(con, "CREATE TABLE umap0 AS SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS u0 "
+              "FROM (SELECT DISTINCT user_id FROM keys)")
+    _run(con, "CREATE TABLE imap0 AS SELECT item_id, row_number() OVER (ORDER BY item_id) - 1 AS i0 "
+              "FROM (SELECT DISTINCT item_id FROM keys)")
+    arrays = con.execute(
+        "SELECT u0, i0, coalesce(ts, 9223372036854775807) AS ts, line_no, pos "
+        "FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id)"
+    ).fetchnumpy()
     bar.update()
 
     bar.set_postfix_str("dedup and k-core")
-    arrays = con.execute("SELECT u0, i0 FROM f2 ORDER BY rid").fetchnumpy()
     u0 = np.asarray(arrays["u0"], dtype=np.int64)
     i0 = np.asarray(arrays["i0"], dtype=np.int64)
-    del arrays
+    # Chronological order within each user: timestamp, then position in the source.
+    order = np.lexsort((np.asarray(arrays["pos"]), np.asarray(arrays["line_no"]), np.asarray(arrays["ts"]), u0))
+    line_no = np.asarray(arrays["line_no"], dtype=np.int64)[order]
+    pos = np.asarray(arrays["pos"], dtype=np.int64)[order]
+    u0, i0 = u0[order], i0[order]
+    del arrays, order
     keep = first_occurrence_mask(u0, i0) if cfg.dedup else np.ones(len(u0), dtype=bool)
     n_after_dedup = int(keep.sum())
     k_user = max(cfg.k_core, cfg.min_history)
-    if k_user > 0 or cfg.k_core > 0:
+    if k_user > 0:
         idx = np.flatnonzero(keep)
         sub = kcore_mask(u0[idx], i0[idx], k_user, cfg.k_core)
         keep[idx[~sub]] = False
-    kept_rids = pa.table({"rid": pa.array(np.flatnonzero(keep).astype(np.int64))})
-    del u0, i0, keep
-    con.register("kept_rids", kept_rids)
-    _run(con, "CREATE TABLE k AS SELECT f2.* FROM f2 SEMI JOIN kept_rids USING (rid)")
-    con.unregister("kept_rids")
-    _run(con, "DROP TABLE f2")
-    n_final = int(_run(con, "SELECT count(*) FROM k")[0][0])
+    n_final = int(keep.sum())
     if n_final == 0:
         raise DataError(
             f"{reviews_path}: no interactions left after k-core (k_core={cfg.k_core}, "
             f"min_history={cfg.min_history}); lower them"
         )
+    user_codes, users = np.unique(u0[keep], return_inverse=True)
+    item_codes, items = np.unique(i0[keep], return_inverse=True)
+    users, items = users.astype(np.int64), items.astype(np.int64)
+    n_users, n_items = len(user_codes), len(item_codes)
+    starts = np.searchsorted(users, np.arange(n_users))
+    position = np.arange(n_final) - starts[users]
+    kept = pa.table({
+        "line_no": pa.array(line_no[keep]), "pos": pa.array(pos[keep]),
+        "user": pa.array(users.astype(np.int32)), "item": pa.array(items.astype(np.int32)),
+        "order": pa.array(position.astype(np.int32)),
+    })
+    codes = pa.table({"u0": pa.array(user_codes), "user": pa.array(np.arange(n_users, dtype=np.int32))})
+    icodes = pa.table({"i0": pa.array(item_codes), "item": pa.array(np.arange(n_items, dtype=np.int32))})
+    del u0, i0, line_no, pos, keep
     bar.update()
 
     bar.set_postfix_str("writing")
-    _run(con, "CREATE TABLE umap AS SELECT user_id, CAST(row_number() OVER (ORDER BY user_id) - 1 AS INTEGER) AS user "
-              "FROM (SELECT DISTINCT user_id FROM k)")
-    _run(con, "CREATE TABLE imap AS SELECT item_id, CAST(row_number() OVER (ORDER BY item_id) - 1 AS INTEGER) AS item "
-              "FROM (SELECT DISTINCT item_id FROM k)")
-    cols = ["umap.user AS user", "imap.item AS item",
-            "CAST(row_number() OVER (PARTITION BY umap.user ORDER BY k.rid) - 1 AS INTEGER) AS \"order\""]
+    con.register("kept", kept)
+    con.register("ucodes", codes)
+    con.register("icodes", icodes)
+    _run(con, "CREATE TABLE umap AS SELECT user, user_id FROM ucodes JOIN umap0 USING (u0)")
+    _run(con, "CREATE TABLE imap AS SELECT item, item_id FROM icodes JOIN imap0 USING (i0)")
+    cols = ["kept.user AS user", "kept.item AS item", 'kept."order" AS "order"']
     if has_ts:
-        cols.append("k.ts AS timestamp")
+        cols.append("r.ts AS timestamp")
     if has_rating:
-        cols.append("CAST(k.rating AS FLOAT) AS rating")
+        cols.append("CAST(r.rating AS FLOAT) AS rating")
     if has_review:
-        cols.append("k.review AS review")
+        cols.append("r.review AS review")
     _run(
         con,
-        f"""COPY (SELECT {', '.join(cols)} FROM k JOIN umap USING (user_id) JOIN imap USING (item_id)
+        f"""COPY (SELECT {', '.join(cols)} FROM kept JOIN read_parquet({_sql_str(raw)}) r USING (line_no, pos)
                  ORDER BY user, "order") TO {_sql_str(out / 'interactions.parquet')} (FORMAT parquet)""",
     )
     _run(con, f"COPY (SELECT user, user_id FROM umap ORDER BY user) TO {_sql_str(out / 'users.parquet')} (FORMAT parquet)")
@@ -268,14 +281,8 @@ def _build(
                             CAST(NULL AS VARCHAR[]) AS categories, CAST(NULL AS VARCHAR) AS description
                      FROM imap ORDER BY item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
         )
-    final = con.execute(
-        "SELECT umap.user AS u, imap.item AS i FROM k JOIN umap USING (user_id) JOIN imap USING (item_id) "
-        "ORDER BY u, k.rid"
-    ).fetchnumpy()
-    users = np.asarray(final["u"], dtype=np.int64)
-    items = np.asarray(final["i"], dtype=np.int64)
-    n_users = int(_run(con, "SELECT count(*) FROM umap")[0][0])
-    n_items = int(_run(con, "SELECT count(*) FROM imap")[0][0])
+    for name in ("kept", "ucodes", "icodes"):
+        con.unregister(name)
     stats = compute_stats(users, items, n_users, n_items)
     manifest: dict[str, Any] = {
         "format": fmt,
@@ -294,5 +301,5 @@ def _build(
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    bar.update(2)
+    bar.update()
     return manifest

@@ -73,11 +73,27 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str) -> list[tuple]:
     return con.execute(sql).fetchall()
 
 
+def _newline(path: Path) -> str:
+    """The line terminator of ``path`` as a DuckDB ``new_line`` option, from its first line.
+
+    DuckDB's single-character mode splits at '\\r' as well as '\\n', so a CRLF file read that
+    way yields an extra empty row per line and every later line number would be off.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(1 << 20)
+    except (OSError, EOFError, zlib.error):
+        return "\\n"  # unreadable: the scan itself reports it
+    nl = head.find(b"\n")
+    return "\\r\\n" if nl > 0 and head[nl - 1 : nl] == b"\r" else "\\n"
+
+
 def _lines_source(path: Path) -> str:
     return (
         f"(SELECT row_number() OVER () AS line_no, line FROM read_csv({_sql_str(path)}, "
         "columns={'line': 'VARCHAR'}, header=false, delim=chr(1), quote='', escape='', "
-        "new_line='\\n', auto_detect=false, strict_mode=false))"
+        f"new_line='{_newline(path)}', auto_detect=false, strict_mode=false))"
     )
 
 

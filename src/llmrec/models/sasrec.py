@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from llmrec.data.splits import Split
@@ -55,9 +55,21 @@ class SASRecConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.n_heads != 0:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("hidden_size", "n_layers", "n_heads", "inner_size", "max_len", "batch_size",
-                     "max_epochs", "eval_every", "patience", "eval_batch_size"):
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})"
+            )
+        for name in (
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "inner_size",
+            "max_len",
+            "batch_size",
+            "max_epochs",
+            "eval_every",
+            "patience",
+            "eval_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.attn_dropout < 1.0):
@@ -158,7 +170,7 @@ class SASRecNet(nn.Module):
         Columns are aligned to the right end of the ``max_len`` window, so a batch trimmed to its
         longest row gives the same result as the full ``max_len`` padding.
         """
-        B, L = tokens.shape
+        L = tokens.shape[1]
         cfg = self.cfg
         pos = torch.arange(cfg.max_len - L, cfg.max_len, device=tokens.device)  # (L,)
         x = self.item_emb(tokens) * math.sqrt(cfg.hidden_size) + self.pos_emb(pos)  # (B, L, H)
@@ -244,8 +256,14 @@ class SASRec(Recommender):
         return [chunks[i] for i in rng.permutation(len(chunks))]
 
     def _validate(self, split: Split) -> float:
-        ranked, _ = self.recommend(split.valid.histories, k=10, batch_size=self.config.eval_batch_size)
-        return float(np.nanmean(ranking_metrics(ranked, split.valid.targets, [10], ["ndcg"])["ndcg@10"]))
+        """Mean NDCG@10 on ``split.valid``: full ranking over all items, history items excluded."""
+        valid = split.valid
+        order = np.argsort([len(h) for h in valid.histories], kind="stable")  # less padding per batch
+        ranked, _ = self.recommend(
+            [valid.histories[i] for i in order], k=10, batch_size=self.config.eval_batch_size
+        )
+        targets = [valid.targets[i] for i in order]
+        return float(np.nanmean(ranking_metrics(ranked, targets, [10], ["ndcg"])["ndcg@10"]))
 
     # --- Recommender API -------------------------------------------------------------------
     def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
@@ -284,7 +302,7 @@ class SASRec(Recommender):
                         loss.backward()  # type: ignore[union-attr]
                         opt.step()
                         n = int((y != 0).sum())
-                        total += float(loss) * n
+                        total += float(loss.detach()) * n  # type: ignore[union-attr]
                         count += n
                         if time.perf_counter() > deadline:
                             out_of_time = True
@@ -298,7 +316,9 @@ class SASRec(Recommender):
                             best_state = copy.deepcopy(self.net.state_dict())
                         else:
                             bad_evals += 1
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", ndcg=f"{ndcg:.4f}", best=f"{best_ndcg:.4f}")
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4f}", ndcg=f"{ndcg:.4f}", best=f"{best_ndcg:.4f}"
+                        )
                     else:
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
                     history.append(record)
@@ -332,15 +352,17 @@ class SASRec(Recommender):
         self.net.eval()
         L, bs = self.config.max_len, self.config.eval_batch_size
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        hists = [np.asarray(h, dtype=np.int64)[-L:] + 1 for h in histories]  # shifted ids
+        order = np.argsort([len(h) for h in hists], kind="stable")  # similar lengths share a batch
         try:
             with torch.no_grad():
-                for s in range(0, len(histories), bs):
-                    chunk = [np.asarray(h, dtype=np.int64) + 1 for h in histories[s : s + bs]]
-                    width = max(1, min(L, max(len(h) for h in chunk)))
-                    # one padded column when a row is empty: trimming must not change results
+                for s in range(0, len(hists), bs):
+                    rows = order[s : s + bs]
+                    chunk = [hists[i] for i in rows]
+                    width = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty
                     tokens = torch.from_numpy(_left_pad(chunk, width)).to(self.device)  # (b, width)
                     logits, _ = self.net(tokens)  # (b, n_items)
-                    out[s : s + len(chunk)] = logits.float().cpu().numpy()
+                    out[rows] = logits.float().cpu().numpy()
         finally:
             torch.set_num_threads(old_threads)
         return out

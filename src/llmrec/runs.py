@@ -1,0 +1,237 @@
+"""Train, evaluate and recommend with run directories.
+
+A run directory holds ``run.json`` (resolved config, dataset path and fingerprint, seed, git
+commit, training facts), ``model/`` (``model.json`` + ``weights.safetensors``) and, after
+``evaluate``, ``metrics.json``. Runs are written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from llmrec.config import ConfigError, apply_overrides, from_dict, load_toml
+from llmrec.data.dataset import Dataset
+from llmrec.data.splits import EvalSet, Split, leave_one_out, ratio, temporal
+from llmrec.errors import LlmrecError
+from llmrec.eval.protocol import EvalResult, evaluate_full, evaluate_sampled
+from llmrec.eval.report import write_metrics_json
+from llmrec.models.base import Recommender
+from llmrec.models.registry import build_model, model_class
+
+
+@dataclass
+class SplitConfig:
+    """kind: leave-one-out | temporal (cut points in unix ms) | ratio (per-user fractions)."""
+
+    kind: Literal["leave-one-out", "temporal", "ratio"] = "leave-one-out"
+    valid_start: int | None = None
+    test_start: int | None = None
+    valid_frac: float = 0.1
+    test_frac: float = 0.1
+
+
+@dataclass
+class ModelSection:
+    """name: a key of the model registry; params: that model's config keys."""
+
+    name: str = "sasrec"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Full ranking over the catalog by default; ``sampled`` ranks targets among N negatives."""
+
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    exclude_seen: bool = True
+    protocol: Literal["full", "sampled"] = "full"
+    n_negatives: int = 100
+    sampling: Literal["uniform", "popularity"] = "uniform"
+    on: Literal["test", "valid"] = "test"
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; written back resolved into ``run.json``."""
+
+    dataset: str = ""
+    seed: int = 0
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from an optional TOML file plus ``key=value`` overrides (strict)."""
+    data = load_toml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data, where=str(path) if path else "config")
+    model_class(cfg.model.name)  # unknown model names fail here, before any work
+    if not cfg.dataset:
+        raise ConfigError("missing key dataset (the prepared dataset directory)")
+    return cfg
+
+
+def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
+    """The split that ``cfg`` describes (deterministic for a dataset)."""
+    if cfg.kind == "leave-one-out":
+        return leave_one_out(ds.sequences, ds.n_items)
+    if cfg.kind == "ratio":
+        return ratio(ds.sequences, ds.n_items, cfg.valid_frac, cfg.test_frac)
+    if ds.timestamps is None:
+        raise ConfigError(f"split.kind=temporal: dataset {ds.path} has no timestamps")
+    if cfg.valid_start is None or cfg.test_start is None:
+        raise ConfigError("split.kind=temporal needs split.valid_start and split.test_start (unix ms)")
+    return temporal(ds.sequences, ds.timestamps, ds.n_items, cfg.valid_start, cfg.test_start)
+
+
+def git_commit() -> str:
+    """The current git commit of the working directory (``+dirty`` if modified), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, capture_output=True,
+                               text=True, timeout=5)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _with_seed(model_name: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
+    cls = model_class(model_name)
+    names = {f.name for f in fields(cls.Config)} if is_dataclass(cls.Config) else set()
+    if "seed" in names and "seed" not in params:
+        return {**params, "seed": seed}
+    return params
+
+
+def train(cfg: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fit the configured model and write a run directory at ``out``; returns ``run.json``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LlmrecError(f"{out}: run directory already exists (use --force to replace it)")
+    ds = Dataset.load(cfg.dataset)
+    split = make_split(ds, cfg.split)
+    seed_everything(cfg.seed)
+    params = _with_seed(cfg.model.name, cfg.model.params, cfg.seed)
+    model = build_model(cfg.model.name, params, ds.n_items)
+    t0 = time.perf_counter()
+    fit_info = model.fit(split, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save(tmp / "model")
+        resolved = asdict(cfg)
+        resolved["model"]["params"] = asdict(model.config)
+        record = {
+            "config": resolved,
+            "dataset": {"path": str(Path(cfg.dataset).resolve()), "fingerprint": ds.fingerprint,
+                        "users": ds.n_users, "items": ds.n_items},
+            "split": {"kind": split.name, "train_users": len(split.train), "valid_users": len(split.valid),
+                      "test_users": len(split.test), **split.params},
+            "seed": cfg.seed,
+            "git_commit": git_commit(),
+            "fit": fit_info,
+            "train_seconds": train_seconds,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    record: dict[str, Any]
+    config: RunConfig
+    dataset: Dataset
+    split: Split
+    model: Recommender
+
+
+def load_run(path: str | Path, dataset: str | Path | None = None) -> LoadedRun:
+    """Load a run directory with its dataset (checked against the recorded fingerprint) and model."""
+    path = Path(path)
+    run_file = path / "run.json"
+    if not run_file.exists():
+        raise LlmrecError(f"{path}: not a run directory (no run.json; run `llmrec train` first)")
+    record = json.loads(run_file.read_text())
+    cfg = from_dict(RunConfig, record["config"], where=str(run_file))
+    ds = Dataset.load(dataset or record["dataset"]["path"])
+    if ds.fingerprint != record["dataset"]["fingerprint"]:
+        raise LlmrecError(
+            f"{ds.path}: dataset fingerprint {ds.fingerprint} differs from the one the run was trained on "
+            f"({record['dataset']['fingerprint']})"
+        )
+    model = model_class(cfg.model.name).load(path / "model")
+    return LoadedRun(path, record, cfg, ds, make_split(ds, cfg.split), model)
+
+
+def evaluate_run(
+    run: LoadedRun, ecfg: EvalConfig | None = None, progress: bool = True, write: bool = True
+) -> EvalResult:
+    """Evaluate a loaded run (on test by default) and write ``metrics.json`` beside it."""
+    ecfg = ecfg or run.config.eval
+    evalset: EvalSet = run.split.test if ecfg.on == "test" else run.split.valid
+    if len(evalset) == 0:
+        raise LlmrecError(f"{run.path}: the {ecfg.on} set of this split is empty")
+    if ecfg.protocol == "full":
+        result = evaluate_full(run.model, evalset, ks=ecfg.ks, exclude_seen=ecfg.exclude_seen, progress=progress)
+    else:
+        counts = run.split.train_item_counts() if ecfg.sampling == "popularity" else None
+        result = evaluate_sampled(run.model, evalset, n_negatives=ecfg.n_negatives, strategy=ecfg.sampling,
+                                  item_counts=counts, ks=ecfg.ks, seed=run.config.seed)
+    if write:
+        write_metrics_json(run.path / "metrics.json", result, {
+            "run": str(run.path), "model": run.config.model.name, "seed": run.config.seed, "on": ecfg.on,
+            "exclude_seen": ecfg.exclude_seen, "dataset_fingerprint": run.dataset.fingerprint,
+        })
+    return result
+
+
+def recommend_for_users(run: LoadedRun, user_ids: list[str], k: int = 10) -> list[dict[str, Any]]:
+    """Top-``k`` next items for raw user ids, from each user's whole recorded history."""
+    titles = run.dataset.titles()
+    item_ids = run.dataset.item_ids
+    idx = [run.dataset.user_index(u) for u in user_ids]
+    histories = [run.dataset.sequences[i] for i in idx]
+    ids, scores = run.model.recommend(histories, k=k)
+    out = []
+    for u, h, row, sc in zip(user_ids, histories, ids, scores, strict=True):
+        out.append({
+            "user_id": u,
+            "history": [{"item_id": item_ids[i], "title": titles[i]} for i in h[-5:]],
+            "recommendations": [
+                {"rank": r + 1, "item_id": item_ids[i], "title": titles[i], "score": float(s)}
+                for r, (i, s) in enumerate(zip(row, sc, strict=True)) if i >= 0
+            ],
+        })
+    return out

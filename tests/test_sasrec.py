@@ -1,0 +1,159 @@
+"""SASRec: learns a deterministic cycle, persistence, batching, exclusion, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrec.config import ConfigError, from_dict
+from llmrec.data.splits import Split, leave_one_out
+from llmrec.models.sasrec import SASRec, SASRecConfig
+
+N_ITEMS = 20
+
+
+def cycle_split(n_users: int = 30, seed: int = 0) -> Split:
+    """Each user walks the cycle 0 -> 1 -> ... -> 19 -> 0 from a random start, 6 to 15 steps."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(n_users):
+        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(6, 16))
+        seqs.append((start + np.arange(length)) % N_ITEMS)
+    return leave_one_out(seqs, N_ITEMS)
+
+
+def tiny_config(**overrides: object) -> SASRecConfig:
+    base: dict[str, object] = {
+        "hidden_size": 32,
+        "n_layers": 1,
+        "n_heads": 2,
+        "inner_size": 64,
+        "dropout": 0.1,
+        "attn_dropout": 0.0,
+        "max_len": 12,
+        "lr": 1e-2,
+        "batch_size": 16,
+        "max_epochs": 40,
+        "eval_every": 5,
+        "patience": 100,
+        "max_minutes": 1.0,
+        "seed": 0,
+        "num_threads": 1,
+        "eval_batch_size": 7,
+    }
+    base.update(overrides)
+    return SASRecConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def split() -> Split:
+    return cycle_split()
+
+
+@pytest.fixture(scope="module")
+def trained(split: Split) -> tuple[SASRec, dict]:
+    model = SASRec(tiny_config(), N_ITEMS)
+    info = model.fit(split, progress=False)
+    return model, info
+
+
+def test_learns_the_cycle(split: Split, trained: tuple[SASRec, dict]) -> None:
+    model, info = trained
+    ids, _ = model.recommend(split.test.histories, k=1)
+    expected = np.array([t[0] for t in split.test.targets])
+    assert (ids[:, 0] == expected).mean() >= 0.9
+    assert info["best_valid_ndcg@10"] > 0.8
+    assert 1 <= info["best_epoch"] <= info["epochs"] <= 40
+    assert info["train_seconds"] > 0
+
+
+def test_fit_never_reads_test(split: Split) -> None:
+    """Replacing the test set with garbage changes nothing in training."""
+    poisoned = Split(split.name, split.n_users, split.n_items, split.train, split.valid, test=None)  # type: ignore[arg-type]
+    a = SASRec(tiny_config(max_epochs=3, eval_every=1), N_ITEMS)
+    a.fit(poisoned, progress=False)
+    b = SASRec(tiny_config(max_epochs=3, eval_every=1), N_ITEMS)
+    b.fit(split, progress=False)
+    h = split.test.histories
+    np.testing.assert_array_equal(a.score(h), b.score(h))
+
+
+def test_score_shape_and_dtype(split: Split, trained: tuple[SASRec, dict]) -> None:
+    model, _ = trained
+    s = model.score(split.test.histories)
+    assert s.shape == (len(split.test), N_ITEMS)
+    assert s.dtype == np.float32
+    assert np.isfinite(s).all()
+    # empty and over-long histories are fine too
+    long = np.arange(100) % N_ITEMS
+    s2 = model.score([np.empty(0, np.int64), long])
+    assert s2.shape == (2, N_ITEMS) and np.isfinite(s2).all()
+    # only the last max_len items matter
+    np.testing.assert_allclose(s2[1], model.score([long[-model.config.max_len :]])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_matches_single(split: Split, trained: tuple[SASRec, dict]) -> None:
+    model, _ = trained
+    hist = split.test.histories[:9]
+    batch = model.score(hist)
+    single = np.concatenate([model.score([h]) for h in hist])
+    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
+
+
+def test_history_items_excluded(split: Split, trained: tuple[SASRec, dict]) -> None:
+    model, _ = trained
+    ids, scores = model.recommend(split.test.histories, k=5)
+    for row, h in zip(ids, split.test.histories, strict=True):
+        assert not set(row.tolist()) & set(h.tolist())
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    # the top recommendation is the best-scoring item outside the history
+    s = model.score(split.test.histories)
+    for i, h in enumerate(split.test.histories):
+        s[i, h] = -np.inf
+    np.testing.assert_array_equal(ids[:, 0], s.argmax(axis=1))
+
+
+def test_save_load_round_trip(tmp_path: Path, split: Split, trained: tuple[SASRec, dict]) -> None:
+    model, _ = trained
+    model.save(tmp_path / "m")
+    loaded = SASRec.load(tmp_path / "m")
+    assert loaded.config == model.config
+    assert loaded.n_items == N_ITEMS
+    np.testing.assert_array_equal(loaded.score(split.test.histories), model.score(split.test.histories))
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["model"] == "sasrec"
+
+
+def test_deterministic_given_seed(split: Split) -> None:
+    runs = []
+    for _ in range(2):
+        m = SASRec(tiny_config(max_epochs=2, eval_every=1), N_ITEMS)
+        m.fit(split, progress=False)
+        runs.append(m.score(split.valid.histories))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    other = SASRec(tiny_config(max_epochs=2, eval_every=1, seed=1), N_ITEMS)
+    other.fit(split, progress=False)
+    assert not np.array_equal(runs[0], other.score(split.valid.histories))
+
+
+def test_unknown_config_key_raises(tmp_path: Path, trained: tuple[SASRec, dict]) -> None:
+    with pytest.raises(ConfigError, match="hiden_size"):
+        from_dict(SASRecConfig, {"hiden_size": 32})
+    with pytest.raises(ConfigError):
+        from_dict(SASRecConfig, {"hidden_size": 30, "n_heads": 4})  # not divisible
+    model, _ = trained
+    model.save(tmp_path / "m")
+    meta_file = tmp_path / "m" / "model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["bogus"] = 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="bogus"):
+        SASRec.load(tmp_path / "m")
+
+
+def test_wrong_item_count_rejected(split: Split) -> None:
+    with pytest.raises(ValueError, match="items"):
+        SASRec(tiny_config(), N_ITEMS + 1).fit(split, progress=False)
