@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from llmrec.data.dataset import Catalog
 from llmrec.data.splits import Split, leave_one_out
 from llmrec.models.base import Recommender
 from llmrec.models.registry import MODELS, build_model
@@ -40,9 +41,20 @@ def cycle_sequences(n_users: int = 40, seed: int = 0) -> list[np.ndarray]:
     return seqs
 
 
+def cycle_catalog() -> Catalog:
+    """Text for text-aware models: item i is 'Product i', in one of four categories."""
+    return Catalog(
+        item_ids=[f"item-{i}" for i in range(N_ITEMS)],
+        titles=[f"Product {i}" for i in range(N_ITEMS)],
+        brands=[None] * N_ITEMS,
+        categories=[[f"Category {i % 4}"] for i in range(N_ITEMS)],
+        descriptions=[None] * N_ITEMS,
+    )
+
+
 @pytest.fixture(scope="module")
 def split() -> Split:
-    return leave_one_out(cycle_sequences(), N_ITEMS)
+    return leave_one_out(cycle_sequences(), N_ITEMS).with_catalog(cycle_catalog())
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

@@ -84,16 +84,18 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
-    """The split that ``cfg`` describes (deterministic for a dataset)."""
+    """The split that ``cfg`` describes (deterministic for a dataset), carrying the item catalog."""
     if cfg.kind == "leave-one-out":
-        return leave_one_out(ds.sequences, ds.n_items)
-    if cfg.kind == "ratio":
-        return ratio(ds.sequences, ds.n_items, cfg.valid_frac, cfg.test_frac)
-    if ds.timestamps is None:
-        raise ConfigError(f"split.kind=temporal: dataset {ds.path} has no timestamps")
-    if cfg.valid_start is None or cfg.test_start is None:
-        raise ConfigError("split.kind=temporal needs split.valid_start and split.test_start (unix ms)")
-    return temporal(ds.sequences, ds.timestamps, ds.n_items, cfg.valid_start, cfg.test_start)
+        split = leave_one_out(ds.sequences, ds.n_items)
+    elif cfg.kind == "ratio":
+        split = ratio(ds.sequences, ds.n_items, cfg.valid_frac, cfg.test_frac)
+    else:
+        if ds.timestamps is None:
+            raise ConfigError(f"split.kind=temporal: dataset {ds.path} has no timestamps")
+        if cfg.valid_start is None or cfg.test_start is None:
+            raise ConfigError("split.kind=temporal needs split.valid_start and split.test_start (unix ms)")
+        split = temporal(ds.sequences, ds.timestamps, ds.n_items, cfg.valid_start, cfg.test_start)
+    return split.with_catalog(ds.catalog())
 
 
 def git_commit() -> str:

@@ -77,6 +77,32 @@ def compute_stats(users: np.ndarray, items: np.ndarray, n_users: int, n_items: i
     }
 
 
+@dataclass(frozen=True)
+class Catalog:
+    """Item text, indexed by item id ``0..n_items-1`` (what text-aware models read)."""
+
+    item_ids: list[str]
+    titles: list[str]
+    brands: list[str | None]
+    categories: list[list[str]]
+    descriptions: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def text(self, item: int, max_description_chars: int = 300) -> str:
+        """One line describing ``item``: title, brand, categories, start of the description."""
+        parts = [self.titles[item]]
+        if self.brands[item]:
+            parts.append(f"Brand: {self.brands[item]}")
+        if self.categories[item]:
+            parts.append("Categories: " + ", ".join(self.categories[item]))
+        desc = self.descriptions[item]
+        if desc and max_description_chars > 0:
+            parts.append("Description: " + desc[:max_description_chars])
+        return ". ".join(parts)
+
+
 @dataclass
 class Dataset:
     """An in-memory dataset: per-user chronological sequences plus the item table.
@@ -114,6 +140,22 @@ class Dataset:
         titles = self.items.column("title").to_pylist() if "title" in self.items.column_names else []
         ids = self.item_ids
         return [t if t else ids[i] for i, t in enumerate(titles or [None] * len(ids))]
+
+    def catalog(self) -> Catalog:
+        """The item text of this dataset as a :class:`Catalog`."""
+        cols = set(self.items.column_names)
+        n = self.n_items
+
+        def col(name: str) -> list:
+            return self.items.column(name).to_pylist() if name in cols else [None] * n
+
+        return Catalog(
+            item_ids=self.item_ids,
+            titles=self.titles(),
+            brands=col("brand"),
+            categories=[c or [] for c in col("categories")],
+            descriptions=col("description"),
+        )
 
     def user_index(self, user_id: str) -> int:
         """Integer id of raw user id ``user_id`` (DataError if unknown)."""

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from llmrec.data.dataset import Catalog
 
 Padding = Literal["repeat", "pad-token", "none"]
 PAD_ITEM: int = -1
@@ -57,7 +60,10 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Split:
-    """A split of one dataset. ``train[u]`` is the training sequence of user ``u`` (may be empty)."""
+    """A split of one dataset. ``train[u]`` is the training sequence of user ``u`` (may be empty).
+
+    ``catalog`` carries the item text for models that read it (None for pure id data).
+    """
 
     name: str
     n_users: int
@@ -66,6 +72,15 @@ class Split:
     valid: EvalSet
     test: EvalSet
     params: dict[str, object] = field(default_factory=dict)
+    catalog: Catalog | None = None
+
+    def with_catalog(self, catalog: Catalog) -> Split:
+        """The same split carrying ``catalog`` (which must have ``n_items`` items)."""
+        import dataclasses
+
+        if len(catalog) != self.n_items:
+            raise ValueError(f"catalog has {len(catalog)} items, split has {self.n_items}")
+        return dataclasses.replace(self, catalog=catalog)
 
     def train_item_counts(self) -> np.ndarray:
         """(n_items,) int64 number of training interactions per item."""
