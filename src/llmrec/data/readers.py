@@ -126,6 +126,29 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
     ),
 }
 
+# Fast path for review files: DuckDB's own JSON reader parses each line straight into typed
+# columns, about a third less CPU than extracting fields from every line as text. It cannot say
+# which lines are malformed, so it is all or nothing: any line it rejects (invalid JSON, a value of
+# the wrong type) or a row missing a required field sends the file to the line-by-line path above,
+# which counts and reports each malformed line. Per format: (columns read, SELECT list over them
+# and ``line_no``, producing the same columns and types as ``_REVIEW_SPECS``).
+_FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
+    "amazon2023": (
+        {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "asin": "VARCHAR", "timestamp": "BIGINT",
+         "rating": "DOUBLE", "title": "VARCHAR", "text": "VARCHAR", "verified_purchase": "BOOLEAN"},
+        """user_id, coalesce(parent_asin, asin) AS item_id, "timestamp" AS ts, line_no AS pos, rating,
+           nullif(concat_ws('. ', nullif(title, ''), nullif("text", '')), '') AS review,
+           verified_purchase AS verified""",
+    ),
+    "amazon2018": (
+        {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
+         "summary": "VARCHAR", "reviewText": "VARCHAR", "verified": "BOOLEAN"},
+        """"reviewerID" AS user_id, asin AS item_id, "unixReviewTime" * 1000 AS ts, line_no AS pos,
+           overall AS rating,
+           nullif(concat_ws('. ', nullif(summary, ''), nullif("reviewText", '')), '') AS review, verified""",
+    ),
+}
+
 _ITEM_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
     "sequences": (
         ["$.item_id", "$.title", "$.brand", "$.categories", "$.description"],
@@ -215,10 +238,44 @@ def _stage(
     return report
 
 
+def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, out: Path) -> ParseReport | None:
+    """The all-or-nothing fast pass (see ``_FAST_REVIEW_SPECS``): its report, or None (``out``
+    removed) when some line needs the line-by-line path. ``line_no`` here counts non-blank lines,
+    which orders rows as the file does; the exact line numbers only matter in the slow path's reports.
+    """
+    columns, select = _FAST_REVIEW_SPECS[fmt]
+    cols = "{" + ", ".join(f"'{name}': '{typ}'" for name, typ in columns.items()) + "}"
+    try:
+        _run(
+            con,
+            f"""COPY (SELECT line_no, CAST(NULL AS VARCHAR) AS bad, {select}
+                      FROM (SELECT row_number() OVER () AS line_no, *
+                            FROM read_json({_sql_str(path)}, format='newline_delimited', records=true,
+                                           columns={cols}, auto_detect=false)))
+                TO {_sql_str(out)} (FORMAT parquet)""",
+        )
+        ((n, n_missing),) = _run(
+            con,
+            f"SELECT count(*), count(*) FILTER (WHERE user_id IS NULL OR item_id IS NULL) "
+            f"FROM read_parquet({_sql_str(out)})",
+        )
+    except duckdb.Error:
+        out.unlink(missing_ok=True)
+        return None
+    if n == 0 or n_missing:
+        out.unlink(missing_ok=True)
+        return None
+    return ParseReport(file=str(path), lines=int(n), rows=int(n))
+
+
 def stage_reviews(
-    con: duckdb.DuckDBPyConnection, path: Path, fmt: Format, out: Path, strict: bool = False
+    con: duckdb.DuckDBPyConnection, path: Path, fmt: Format, out: Path, strict: bool = False, fast: bool = True
 ) -> ParseReport:
-    """Normalize a review / sequence file into an interactions Parquet file at ``out``."""
+    """Normalize a review / sequence file into an interactions Parquet file at ``out``.
+
+    Review files are first read with the fast all-or-nothing pass (``fast=False`` skips it); a
+    file with any malformed line is then read line by line, which reports each one.
+    """
     if fmt == "sequences":
         paths = ["$.user_id", "$.item_ids"]
         checks = [
@@ -246,6 +303,10 @@ def stage_reviews(
         return report
     if fmt not in _REVIEW_SPECS:
         raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    check_file(path)
+    report = _stage_reviews_fast(con, path, fmt, out) if fast else None
+    if report is not None:
+        return report
     paths, select, checks = _REVIEW_SPECS[fmt]
     return _stage(con, path, paths, select, checks, out, strict)
 
