@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see SASRecConfig)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -99,6 +101,13 @@ def main() -> None:
             print(f"   ndcg@10 {row['test']['ndcg@10']:.4f}  hr@10 {row['test']['hit_rate@10']:.4f}  "
                   f"train {row['train_seconds']:.0f}s  peak {row['peak_rss_mb']:.0f} MB", flush=True)
             rows.append(row)
+    # Merge with rows of earlier runs (other datasets or models), newest wins.
+    old = RESULTS / "baselines.json"
+    if old.exists():
+        done = {(r["dataset"], r["model"]) for r in rows}
+        kept = [r for r in json.loads(old.read_text())["rows"] if (r["dataset"], r["model"]) not in done]
+        rows = sorted(kept + rows, key=lambda r: (DATASETS.index(r["dataset"]) if r["dataset"] in DATASETS else 99,
+                                                  MODELS.index(r["model"]) if r["model"] in MODELS else 99))
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "load_avg_at_end": os.getloadavg()}
     targets = {}

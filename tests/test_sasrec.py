@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from llmrec.config import ConfigError, from_dict
 from llmrec.data.splits import Split, leave_one_out
-from llmrec.models.sasrec import SASRec, SASRecConfig
+from llmrec.models.sasrec import FullSoftmaxCE, SASRec, SASRecConfig
 
 N_ITEMS = 20
 
@@ -73,9 +75,9 @@ def test_learns_the_cycle(split: Split, trained: tuple[SASRec, dict]) -> None:
 def test_fit_never_reads_test(split: Split) -> None:
     """Replacing the test set with garbage changes nothing in training."""
     poisoned = Split(split.name, split.n_users, split.n_items, split.train, split.valid, test=None)  # type: ignore[arg-type]
-    a = SASRec(tiny_config(max_epochs=3, eval_every=1), N_ITEMS)
+    a = SASRec(tiny_config(max_epochs=3, eval_every=1, lr_schedule="constant"), N_ITEMS)
     a.fit(poisoned, progress=False)
-    b = SASRec(tiny_config(max_epochs=3, eval_every=1), N_ITEMS)
+    b = SASRec(tiny_config(max_epochs=3, eval_every=1, lr_schedule="constant"), N_ITEMS)
     b.fit(split, progress=False)
     h = split.test.histories
     np.testing.assert_array_equal(a.score(h), b.score(h))
@@ -157,3 +159,26 @@ def test_unknown_config_key_raises(tmp_path: Path, trained: tuple[SASRec, dict])
 def test_wrong_item_count_rejected(split: Split) -> None:
     with pytest.raises(ValueError, match="items"):
         SASRec(tiny_config(), N_ITEMS + 1).fit(split, progress=False)
+
+
+def test_fused_cross_entropy_matches_torch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=gen)
+    ours = FullSoftmaxCE.apply(h, w, y)
+    ours_grads = torch.autograd.grad(ours * 3.0, (h, w))
+    ref = F.cross_entropy(h @ w.T, y)
+    ref_grads = torch.autograd.grad(ref * 3.0, (h, w))
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_time_budget_stops_training(split: Split) -> None:
+    model = SASRec(tiny_config(max_epochs=1000, max_minutes=1e-6), N_ITEMS)
+    info = model.fit(split, progress=False)
+    assert info["stopped"] == "max_minutes"
+    assert info["epochs"] == 1 == info["best_epoch"]
+    assert np.isfinite(info["best_valid_ndcg@10"])
+    assert np.isfinite(model.score(split.valid.histories)).all()

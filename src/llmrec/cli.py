@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# On a shared CPU, spinning OpenMP threads make multi-threaded torch several times slower;
+# set before torch is imported (a user's own setting wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llmrec.config import ConfigError
 

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,12 @@ from llmrec.models.base import Recommender
 
 @dataclass
 class SASRecConfig:
-    """Hyper-parameters of :class:`SASRec` (defaults tuned on Amazon Beauty validation)."""
+    """Hyper-parameters of :class:`SASRec` (defaults tuned on Amazon Beauty validation).
+
+    Threads: on a CPU shared with other jobs, 2+ torch threads can be several times *slower*
+    than 1, because OpenMP threads spin-wait for each other; use ``num_threads > 1`` on a
+    dedicated machine, or set ``OMP_WAIT_POLICY=PASSIVE`` before torch is imported.
+    """
 
     hidden_size: int = 64
     n_layers: int = 2
@@ -41,15 +46,16 @@ class SASRecConfig:
     dropout: float = 0.5  # embedding / residual / feed-forward dropout
     attn_dropout: float = 0.5  # dropout on attention weights
     max_len: int = 50  # longest input sequence; older items are dropped
-    lr: float = 1e-3
+    lr: float = 3e-3  # peak learning rate (Adam/AdamW)
     weight_decay: float = 0.0  # decoupled (AdamW); 0 gives plain Adam
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decay to 0 over max_epochs
     batch_size: int = 256  # training sequences per step
-    max_epochs: int = 200
+    max_epochs: int = 20  # also the length of the cosine schedule
     eval_every: int = 1  # epochs between validation evaluations
     patience: int = 10  # evaluations without improvement before stopping
     max_minutes: float = 15.0  # wall-clock training budget (validation time included)
     seed: int = 0
-    num_threads: int = 2  # torch CPU threads during fit/score (0 keeps torch's setting)
+    num_threads: int = 1  # torch CPU threads in fit/score (0 keeps torch's); see the note below
     device: str = "cpu"  # "cpu" or "cuda"
     eval_batch_size: int = 512  # histories per scoring batch
 
@@ -109,7 +115,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise two-layer MLP with GELU."""
+    """Position-wise two-layer MLP with GELU; dropout on its output."""
 
     def __init__(self, cfg: SASRecConfig) -> None:
         super().__init__()
@@ -119,7 +125,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L, H) -> (B, L, H)."""
-        return self.dropout(self.proj(self.dropout(F.gelu(self.fc(x)))))  # (B, L, H)
+        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, L, H)
 
 
 class Block(nn.Module):
@@ -139,6 +145,37 @@ class Block(nn.Module):
         return x
 
 
+class FullSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of ``logits = h @ w.T`` against ``y``, computed in one (N, V) buffer.
+
+    Equal to ``F.cross_entropy(h @ w.T, y)`` in value and gradients, but the logits are turned
+    into probabilities in place and reused as their own gradient (softmax - onehot), which saves
+    several passes over the (N, V) matrix: the output layer is most of the training time on CPU.
+    h: (N, H) float; w: (V, H) float; y: (N,) int64 in ``0..V-1``. Returns a scalar. Because
+    the buffer is consumed, backward can run only once per forward (no ``retain_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        probs = h @ w.T  # (N, V) logits for now
+        target_logit = probs.gather(1, y[:, None]).squeeze(1)  # (N,)
+        row_max = probs.max(dim=1, keepdim=True).values  # (N, 1)
+        probs.sub_(row_max).exp_()  # (N, V) unnormalized
+        row_sum = probs.sum(dim=1, keepdim=True)  # (N, 1)
+        probs.div_(row_sum)  # (N, V) softmax
+        loss = (row_sum.log() + row_max).squeeze(1) - target_logit  # (N,) -log p(y)
+        ctx.save_for_backward(h, w, y, probs)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        h, w, y, probs = ctx.saved_tensors
+        grad_logits = probs  # (N, V), reused in place: d loss / d logits = (softmax - onehot) / N
+        grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+        grad_logits.mul_(grad / len(y))
+        return grad_logits @ w, grad_logits.T @ h, None  # (N, H), (V, H)
+
+
 class SASRecNet(nn.Module):
     """The Transformer. Tokens are shifted item ids: 0 = padding, 1..n_items = items 0..n_items-1."""
 
@@ -146,7 +183,7 @@ class SASRecNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden_size, padding_idx=0)  # row 0 = padding
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden_size)  # position counted from the left
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden_size)  # index max_len-1 = newest item
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size)
@@ -186,21 +223,21 @@ class SASRecNet(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens: (B, L) shifted ids; targets: (B, L) shifted next-item ids, 0 = no target.
 
-        With ``targets``: logits (N, n_items) at the N positions with a target and the mean
-        cross-entropy loss. Without: logits (B, n_items) at the last position and ``None``.
-        Logit column ``j`` is dataset item ``j``.
+        Without ``targets``: logits (B, n_items) at the last position and ``None``; logit column
+        ``j`` is dataset item ``j``. With ``targets``: ``(None, loss)``, the mean full-softmax
+        cross-entropy over the positions that have a target (the (N, n_items) logits are only
+        a scratch buffer inside :class:`FullSoftmaxCE`).
         """
         h = self.hidden(tokens)  # (B, L, H)
         out_emb = self.item_emb.weight[1:]  # (n_items, H)
         if targets is None:
             return h[:, -1, :] @ out_emb.T, None  # (B, n_items)
         keep = targets != 0  # (B, L)
-        logits = h[keep] @ out_emb.T  # (N, n_items)
-        loss = F.cross_entropy(logits, targets[keep] - 1)  # targets[keep]-1: (N,) dataset ids
-        return logits, loss
+        loss = FullSoftmaxCE.apply(h[keep], out_emb, targets[keep] - 1)  # h[keep]: (N, H); ids (N,)
+        return None, loss
 
 
 # --- recommender --------------------------------------------------------------------------
@@ -269,7 +306,9 @@ class SASRec(Recommender):
     def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
         """Train on ``split.train``; early-stop on validation NDCG@10 (``split.test`` is never read).
 
-        Returns ``{"epochs", "best_epoch", "best_valid_ndcg@10", "train_seconds", "stopped"}``.
+        Returns ``{"epochs", "best_epoch", "best_valid_ndcg@10", "train_seconds", "stopped",
+        "history"}``; ``stopped`` is "max_epochs", "patience" or "max_minutes", ``history`` one
+        ``{"epoch", "loss", "valid_ndcg@10"}`` record per epoch. The best weights are restored.
         """
         cfg = self.config
         if split.n_items != self.n_items:
@@ -282,6 +321,7 @@ class SASRec(Recommender):
         rng = np.random.default_rng(cfg.seed)
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         has_valid = len(split.valid) > 0
+        step, total_steps = 0, cfg.max_epochs * math.ceil(len(inputs) / cfg.batch_size)
         best_ndcg, best_epoch, bad_evals, epoch, stopped = -1.0, 0, 0, 0, "max_epochs"
         best_state = copy.deepcopy(self.net.state_dict())
         history: list[dict[str, float]] = []
@@ -294,6 +334,10 @@ class SASRec(Recommender):
                     total, count = 0.0, 0
                     out_of_time = False
                     for idx in self._batches(lengths, rng):
+                        if cfg.lr_schedule == "cosine":
+                            for group in opt.param_groups:
+                                group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+                        step += 1
                         width = int(lengths[idx].max())
                         x = torch.from_numpy(inputs[idx, -width:]).to(self.device)  # (b, width)
                         y = torch.from_numpy(targets[idx, -width:]).to(self.device)  # (b, width)
