@@ -7,13 +7,17 @@ from typing import Any
 from llmrec.config import ConfigError, from_dict
 from llmrec.models.base import Recommender
 from llmrec.models.itemknn import ItemKNN
+from llmrec.models.llm.itemtoken import ItemTokenLM
 from llmrec.models.popularity import Popularity
 from llmrec.models.sasrec import SASRec
+from llmrec.models.semantic_ids import SemanticIDRec
 
 MODELS: dict[str, type[Recommender]] = {
     Popularity.name: Popularity,
     ItemKNN.name: ItemKNN,
     SASRec.name: SASRec,
+    SemanticIDRec.name: SemanticIDRec,
+    ItemTokenLM.name: ItemTokenLM,
 }
 
 

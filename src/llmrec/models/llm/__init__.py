@@ -1,0 +1,1 @@
+"""Language-model recommenders: backbone loading, prompts, constrained decoding, item-token LM."""

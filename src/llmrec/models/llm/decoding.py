@@ -1,0 +1,176 @@
+"""Decoding item lists from an item-token LM: constrained beam search, unconstrained greedy.
+
+Both decoders take a network with the small interface of
+:class:`llmrec.models.llm.itemtoken.ItemTokenNet`:
+
+- ``net.hidden(ids (B, L), past_key_values=None, use_cache=False) -> (hidden (B, L, H), cache)``
+- ``net.item_logits(h (..., H)) -> (..., R)`` over the item rows (row ``r`` is token ``n_base + r``)
+- ``net.full_logits(h (..., H)) -> (..., n_base + R)`` over the whole vocabulary
+- ``net.n_base``: vocabulary size of the backbone.
+
+Every item is a single token here, so the :class:`ItemTrie` of valid item spellings is one level
+deep and "constrained beam search over the next-K items" means: generate K item tokens, each step
+masked to valid catalog items that are neither in the user's history (unless allowed) nor already
+in the same beam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmrec.data.splits import PAD_ITEM
+
+
+@dataclass
+class _Node:
+    children: dict[int, _Node] = field(default_factory=dict)
+    item: int | None = None
+
+
+class ItemTrie:
+    """Prefix tree over the token sequences that spell catalog items.
+
+    ``spellings[i]`` is the token-id sequence of item ``i``. ``next_tokens(prefix)`` lists the
+    tokens that continue ``prefix`` towards some item; ``item_of(tokens)`` is the item spelled
+    exactly by ``tokens`` (or None).
+    """
+
+    def __init__(self, spellings: Sequence[Sequence[int]]) -> None:
+        self.root = _Node()
+        self.depth = 0
+        for i, seq in enumerate(spellings):
+            if not len(seq):
+                raise ValueError(f"item {i} has an empty spelling")
+            node = self.root
+            for t in seq:
+                node = node.children.setdefault(int(t), _Node())
+            if node.item is not None:
+                raise ValueError(f"items {node.item} and {i} share the spelling {list(seq)}")
+            node.item = i
+            self.depth = max(self.depth, len(seq))
+
+    def _walk(self, prefix: Sequence[int]) -> _Node | None:
+        node: _Node | None = self.root
+        for t in prefix:
+            node = node.children.get(int(t)) if node is not None else None
+        return node
+
+    def next_tokens(self, prefix: Sequence[int] = ()) -> list[int]:
+        node = self._walk(prefix)
+        return sorted(node.children) if node is not None else []
+
+    def item_of(self, tokens: Sequence[int]) -> int | None:
+        node = self._walk(tokens)
+        return node.item if node is not None else None
+
+    def __len__(self) -> int:
+        count, stack = 0, [self.root]
+        while stack:
+            node = stack.pop()
+            count += node.item is not None
+            stack.extend(node.children.values())
+        return count
+
+
+def single_token_trie(n_items: int, n_base: int) -> ItemTrie:
+    """The trie of an item-token LM: item ``i`` is spelled by the one token ``n_base + i``."""
+    return ItemTrie([[n_base + i] for i in range(n_items)])
+
+
+def _allowed_rows(trie: ItemTrie, n_base: int, n_rows: int, banned: np.ndarray) -> torch.Tensor:
+    """(n_rows,) bool: item rows the trie allows as a whole item, minus ``banned`` item ids."""
+    if trie.depth != 1:
+        raise NotImplementedError("decoding here spells each item with one token (trie depth 1)")
+    allowed = torch.zeros(n_rows, dtype=torch.bool)
+    rows = torch.tensor([t - n_base for t in trie.next_tokens()], dtype=torch.long)
+    rows = rows[(rows >= 0) & (rows < n_rows)]
+    allowed[rows] = True
+    banned = np.asarray(banned, dtype=np.int64)
+    banned = banned[(banned >= 0) & (banned < n_rows)]
+    allowed[torch.from_numpy(banned)] = False
+    return allowed
+
+
+@torch.inference_mode()
+def constrained_beam_search(
+    net: Any, prompt_ids: np.ndarray, trie: ItemTrie, k: int = 10, beam_size: int = 4, banned: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate ``k`` distinct valid items after ``prompt_ids`` (L,) by beam search.
+
+    Each step scores the item rows (a softmax over the items the trie allows), masks ``banned``
+    items and the items already in the beam, and keeps the ``beam_size`` best partial lists by
+    summed log-probability. Returns ``(items (k,), step log-probs (k,))`` of the best beam; when
+    fewer than ``k`` items are allowed the rest is ``PAD_ITEM`` / ``-inf``.
+    """
+    n_rows = int(net.item_head.shape[0])
+    allowed = _allowed_rows(trie, net.n_base, n_rows, np.empty(0) if banned is None else banned)  # (R,)
+    k_eff = min(k, int(allowed.sum()))
+    items = np.full(k, PAD_ITEM, dtype=np.int64)
+    step_lp = np.full(k, -np.inf, dtype=np.float32)
+    if k_eff == 0:
+        return items, step_lp
+    ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))[None]  # (1, L)
+    h, cache = net.hidden(ids, use_cache=True)  # (1, L, H)
+    B = beam_size
+    cache.batch_repeat_interleave(B)
+    last = h[:, -1].expand(B, -1)  # (B, H)
+    beam_scores = torch.full((B,), -torch.inf)
+    beam_scores[0] = 0.0  # all beams start identical: expand from the first only
+    seqs = torch.empty((B, 0), dtype=torch.long)  # (B, t) item rows so far
+    lps = torch.empty((B, 0))
+    for step in range(k_eff):
+        logits = net.item_logits(last).float()  # (B, R)
+        mask = allowed.expand(B, -1).clone()  # (B, R)
+        if step:
+            mask.scatter_(1, seqs, False)  # no repeats inside a beam
+        logits = logits.masked_fill(~mask, -torch.inf)
+        logp = torch.log_softmax(logits, dim=-1)  # (B, R)
+        cand = (beam_scores[:, None] + logp).view(-1)  # (B * R,)
+        top = torch.topk(cand, B)
+        beam_idx = torch.div(top.indices, n_rows, rounding_mode="floor")  # (B,)
+        rows = top.indices % n_rows  # (B,)
+        finite = torch.isfinite(top.values)
+        if not finite.all():  # fewer live candidates than beams: duplicate the best live one
+            best = int(torch.argmax(top.values))
+            beam_idx = torch.where(finite, beam_idx, beam_idx[best])
+            rows = torch.where(finite, rows, rows[best])
+        step_logp = logp[beam_idx, rows]
+        beam_scores = torch.where(finite, top.values, -torch.inf)
+        seqs = torch.cat([seqs[beam_idx], rows[:, None]], dim=1)  # (B, t+1)
+        lps = torch.cat([lps[beam_idx], step_logp[:, None]], dim=1)
+        if step + 1 == k_eff:
+            break
+        cache.reorder_cache(beam_idx)
+        h, cache = net.hidden((net.n_base + rows)[:, None], past_key_values=cache, use_cache=True)  # (B, 1, H)
+        last = h[:, -1]
+    best = int(torch.argmax(beam_scores))
+    items[:k_eff] = seqs[best].numpy()
+    step_lp[:k_eff] = lps[best].numpy()
+    return items, step_lp
+
+
+@torch.inference_mode()
+def greedy_generate(net: Any, prompt_ids: np.ndarray, n_items: int, k: int = 10) -> np.ndarray:
+    """Unconstrained greedy decoding of ``k`` tokens over the whole vocabulary.
+
+    Returns (k,) int64: item ``i`` for an item token; ``n_items + token`` (an invalid id) for any
+    other token; after the end row (``n_items``) the list stops (``PAD_ITEM``). Items may repeat and
+    may come from the history: this is the behaviour constrained decoding fixes.
+    """
+    out = np.full(k, PAD_ITEM, dtype=np.int64)
+    ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))[None]  # (1, L)
+    h, cache = net.hidden(ids, use_cache=True)
+    for step in range(k):
+        token = int(torch.argmax(net.full_logits(h[0, -1])))
+        row = token - net.n_base
+        if row == n_items:  # the end-of-list row
+            break
+        out[step] = row if 0 <= row < n_items else n_items + token
+        if step + 1 < k:
+            h, cache = net.hidden(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+    return out

@@ -1,0 +1,673 @@
+"""Item-token generative LM: a pretrained causal LM that learns products as tokens.
+
+Every catalog item ``i`` becomes a new special token ``<|item_i|>`` of the backbone's tokenizer
+(plus one end/padding row ``<|item_END|>``). The model reads a prompt built from the user's
+chronological history (item tokens and truncated titles, see :mod:`.prompts`) and predicts the
+next item token, or the next ``K`` item tokens.
+
+Cost on a CPU decides the design:
+
+- the base vocabulary stays frozen; the item rows live in small separate matrices
+  ``item_emb`` (R, H) (input side) and ``item_head`` (R, H) + ``item_bias`` (R,) (output side),
+  R = n_items + 1, initialized from the backbone's embeddings of each item's title tokens;
+- where the target is an item, the loss is a softmax over the item rows only, computed from the
+  final hidden state (no 49k-wide logits at every position);
+- the backbone trains through LoRA adapters (``peft``) or, with ``finetune="full"``, its
+  transformer weights (embeddings and LM head stay frozen in both modes);
+- :meth:`ItemTokenLM.score` is one forward pass per batch: the item-row logits at the answer
+  position rank the whole catalog. Constrained beam search and unconstrained greedy decoding of
+  item lists live in :mod:`.decoding` and are reachable through :meth:`ItemTokenLM.generate_lists`.
+
+Training: leave-one-out style next-item targets (with ``dense=True`` every history position also
+predicts the next history item, so one forward pass teaches the whole sequence) or next-K targets
+padded by the foundation's strategies; both are built from ``split.train`` only. AdamW with
+warm-up and cosine decay, gradient accumulation, early stopping on validation NDCG@10 (a fixed
+sample of validation users), a wall-clock budget, and checkpoints that resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrec.data.splits import Padding, Split, pad_targets
+from llmrec.eval.metrics import ranking_metrics
+from llmrec.models.base import Recommender, top_k
+from llmrec.models.llm.backbone import DEFAULT_BACKBONE
+from llmrec.models.llm.prompts import IGNORE, PromptBuilder, Template, item_token, training_example
+
+
+@dataclass
+class ItemTokenLMConfig:
+    """Hyper-parameters of :class:`ItemTokenLM`."""
+
+    backbone: str = DEFAULT_BACKBONE  # "smollm2-135m-instruct" (offline), a local folder, or a hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    n_layers: int = 0  # keep only the first n transformer blocks of the backbone (0 = all): a CPU budget knob
+    # prompt
+    template: Template = "alpaca"
+    instruction: str = "Given the user's purchases in order, predict the next item."
+    title_tokens: int = 8  # title tokens shown after each history item token (0 = item tokens only)
+    max_prompt_tokens: int = 256  # token budget; the oldest history is dropped first
+    max_history: int = 50  # at most this many history items in a prompt
+    init_title_tokens: int = 32  # title tokens averaged to initialize an item's embedding
+    head_init_scale: float = 0.1  # output rows start as scale * (title row - mean title row): calm first logits
+    # targets
+    target: Literal["next-item", "next-k"] = "next-item"
+    next_k: int = 10  # answer length for target="next-k"
+    padding: Padding = "repeat"  # next-K targets shorter than next_k: repeat | pad-token (end row) | none
+    dense: bool = True  # also predict each next history item inside the prompt (item softmax)
+    examples_per_user: int = 0  # cut points sampled per user and epoch when not windowing (0 = all)
+    lm_loss_weight: float = 0.1  # weight of a full-vocabulary softmax at the answer positions
+    # fine-tuning
+    finetune: Literal["lora", "full"] = "lora"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"  # comma-separated module names, or "all-linear"
+    lr: float = 5e-4  # adapter (or transformer) learning rate
+    item_lr: float = 2e-3  # learning rate of the new item rows
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    fit_schedule_to_budget: bool = True  # shorten the decay when max_minutes will stop training first
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps (0 = epochs decide)
+    max_minutes: float = 55.0  # wall-clock training budget (validation included)
+    eval_every: int = 100  # optimizer steps between validations (and once at the end)
+    patience: int = 5  # validations without improvement before stopping
+    valid_users: int = 1000  # validation users sampled for early stopping (0 = all)
+    checkpoint_dir: str = ""  # where to write resumable checkpoints ("" = none)
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    # inference
+    beam_size: int = 4
+    eval_batch_size: int = 32
+    seed: int = 0
+    num_threads: int = 2  # torch CPU threads during fit/score (0 keeps torch's setting)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "title_tokens", "examples_per_user", "max_steps", "valid_users", "num_threads", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "max_history", "init_title_tokens", "next_k", "lora_r", "batch_size",
+                     "grad_accum", "epochs", "eval_every", "patience", "checkpoint_every", "beam_size",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes <= 0 or self.lr <= 0 or self.item_lr <= 0 or self.head_init_scale <= 0:
+            raise ValueError("max_minutes, lr, item_lr and head_init_scale must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_dropout must be in [0, 1)")
+
+
+# Config keys that may differ between an interrupted run and its resumption.
+_RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_threads", "eval_batch_size", "device"}
+
+
+# --- network ------------------------------------------------------------------------------
+
+
+class ItemTokenNet(nn.Module):
+    """A causal LM whose vocabulary is extended by R item rows kept in separate small matrices.
+
+    Token ``t < n_base`` is a backbone token; token ``n_base + r`` is item row ``r``.
+    """
+
+    def __init__(self, lm: nn.Module, n_base: int, item_emb: torch.Tensor, item_head: torch.Tensor) -> None:
+        super().__init__()
+        self.lm = lm  # the HF model, possibly wrapped by peft
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        # plain references (not submodules: they are already registered under self.lm)
+        object.__setattr__(self, "_decoder", base.base_model)
+        object.__setattr__(self, "_embed", base.get_input_embeddings())
+        object.__setattr__(self, "_head", base.get_output_embeddings())
+        self.n_base = int(n_base)
+        self.item_emb = nn.Parameter(item_emb.clone())  # (R, H)
+        self.item_head = nn.Parameter(item_head.clone())  # (R, H)
+        self.item_bias = nn.Parameter(torch.zeros(item_head.shape[0], dtype=item_head.dtype))  # (R,)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, L, H): backbone rows for base tokens, item rows for item tokens."""
+        is_item = ids >= self.n_base  # (B, L)
+        base = self._embed(torch.where(is_item, 0, ids))  # (B, L, H)
+        items = F.embedding(torch.where(is_item, ids - self.n_base, 0), self.item_emb)  # (B, L, H)
+        return torch.where(is_item[..., None], items.to(base.dtype), base)
+
+    def hidden(
+        self, ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = False
+    ) -> tuple[torch.Tensor, Any]:
+        """Final hidden states (B, L, H) of right-padded (or unpadded) ``ids`` (B, L), and the cache."""
+        out = self._decoder(inputs_embeds=self.embed(ids), past_key_values=past_key_values, use_cache=use_cache)
+        return out.last_hidden_state, out.past_key_values if use_cache else None
+
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) -> (..., R) logits over the item rows."""
+        return F.linear(h, self.item_head.to(h.dtype), self.item_bias.to(h.dtype))
+
+    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) -> (..., n_base + R) logits over backbone tokens then item rows."""
+        return torch.cat([self._head(h), self.item_logits(h)], dim=-1)
+
+
+def truncate_layers(lm: nn.Module, n_layers: int) -> None:
+    """Keep the first ``n_layers`` transformer blocks of ``lm`` (Llama-style ``layers`` or GPT-2 ``h``)."""
+    decoder = lm.base_model
+    name = "layers" if hasattr(decoder, "layers") else "h" if hasattr(decoder, "h") else None
+    if name is None:
+        raise ValueError(f"n_layers: cannot find the transformer blocks of {type(lm).__name__}")
+    blocks = getattr(decoder, name)
+    if not 1 <= n_layers <= len(blocks):
+        raise ValueError(f"n_layers must be in 1..{len(blocks)}, got {n_layers}")
+    setattr(decoder, name, nn.ModuleList(list(blocks)[:n_layers]))
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(lm.config, key):
+            setattr(lm.config, key, n_layers)
+    if getattr(lm.config, "layer_types", None):
+        lm.config.layer_types = lm.config.layer_types[:n_layers]
+
+
+def title_rows(weight: torch.Tensor, token_lists: Sequence[Sequence[int]], n_tokens: int) -> torch.Tensor:
+    """(N, H) mean of ``weight`` rows over the first ``n_tokens`` tokens of each list (mean row if empty)."""
+    fallback = weight.mean(dim=0)
+    rows = [weight[torch.tensor(list(t)[:n_tokens])].mean(dim=0) if len(t) else fallback for t in token_lists]
+    return torch.stack(rows) if rows else weight[:0]
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 10%
+
+
+# --- the recommender ----------------------------------------------------------------------
+
+
+class ItemTokenLM(Recommender):
+    """Pretrained causal LM + item tokens, LoRA fine-tuned to generate the next items."""
+
+    name = "itemtoken-lm"
+    Config = ItemTokenLMConfig
+
+    def __init__(self, config: ItemTokenLMConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        self.net: ItemTokenNet | None = None
+        self.tokenizer: Any = None
+        self.prompts: PromptBuilder | None = None
+        self.titles: list[str] = []
+        self.device = torch.device(config.device)
+
+    # --- construction -------------------------------------------------------------------
+    @property
+    def end_row(self) -> int:
+        """Item row of the end/padding token (``pad-token`` padding of next-K targets)."""
+        return self.n_items
+
+    def _build(self, titles: Sequence[str], init_rows: bool = True) -> None:
+        """Load the backbone, add item tokens, initialize item rows from titles, attach LoRA."""
+        from llmrec.models.llm.backbone import load_backbone
+
+        cfg = self.config
+        if len(titles) != self.n_items:
+            raise ValueError(f"{len(titles)} titles for {self.n_items} items")
+        self.titles = list(titles)
+        lm, tok = load_backbone(cfg.backbone, dtype=cfg.dtype)
+        if cfg.n_layers:
+            truncate_layers(lm, cfg.n_layers)
+        n_base = lm.get_input_embeddings().weight.shape[0]
+        if len(tok) > n_base:
+            raise ValueError(f"backbone {cfg.backbone}: tokenizer has {len(tok)} tokens but only {n_base} embedding rows")
+        # Make tokenizer ids equal model ids: filler tokens up to n_base, then the item tokens.
+        fillers = [f"<|llmrec_unused_{j}|>" for j in range(n_base - len(tok))]
+        new_tokens = fillers + [item_token(i) for i in range(self.n_items)] + [item_token("END")]  # type: ignore[arg-type]
+        title_ids = tok([" " + t for t in self.titles], add_special_tokens=False)["input_ids"]
+        tok.add_tokens(new_tokens, special_tokens=True)
+        if tok.convert_tokens_to_ids(item_token(0)) != n_base and self.n_items:
+            raise RuntimeError("item tokens did not land right after the backbone vocabulary")
+        with torch.no_grad():
+            emb = lm.get_input_embeddings().weight.float()
+            out = lm.get_output_embeddings().weight.float()
+            R = self.n_items + 1
+            if init_rows:
+                eos = [[tok.eos_token_id]] if tok.eos_token_id is not None else [[]]
+                item_emb = title_rows(emb, list(title_ids) + eos, cfg.init_title_tokens)  # (R, H)
+                item_head = title_rows(out, list(title_ids) + eos, cfg.init_title_tokens)  # (R, H)
+                if cfg.head_init_scale != 1.0:  # the shared component only shifts every item logit alike
+                    item_head = cfg.head_init_scale * (item_head - item_head[: self.n_items].mean(dim=0))
+            else:
+                item_emb = torch.zeros(R, emb.shape[1])
+                item_head = torch.zeros(R, emb.shape[1])
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets: str | list[str] = cfg.lora_targets
+            if targets != "all-linear":
+                targets = [t.strip() for t in targets.split(",") if t.strip()]
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets, bias="none")
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                torch.manual_seed(cfg.seed)
+                lm = get_peft_model(lm, lora)
+        else:  # full: every transformer weight trains, the (large) vocabulary matrices stay frozen
+            frozen = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
+            for p in lm.parameters():
+                p.requires_grad_(id(p) not in frozen)
+        dtype = lm.get_input_embeddings().weight.dtype
+        self.net = ItemTokenNet(lm, n_base, item_emb.to(dtype), item_head.to(dtype)).to(self.device)
+        self.net.eval()
+        self.tokenizer = tok
+        self.prompts = PromptBuilder(tok, n_base, self.titles, cfg.template, cfg.instruction, cfg.title_tokens,
+                                     cfg.max_prompt_tokens, cfg.max_history)
+
+    def _require_net(self) -> ItemTokenNet:
+        if self.net is None:
+            raise RuntimeError("itemtoken-lm: the model is not trained or loaded yet")
+        return self.net
+
+    def _set_threads(self) -> int:
+        old = torch.get_num_threads()
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
+        return old
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything that training changes: item rows and adapter (or transformer) weights."""
+        net = self._require_net()
+        state = {f"item.{n}": p for n, p in (("emb", net.item_emb), ("head", net.item_head), ("bias", net.item_bias))}
+        for n, p in net.lm.named_parameters():
+            if p.requires_grad:
+                state[f"lm.{n}"] = p
+        return state
+
+    def _load_trainable(self, tensors: dict[str, Any]) -> None:
+        state = self.trainable_state()
+        missing = sorted(set(state) - set(tensors))
+        unexpected = sorted(set(tensors) - set(state))
+        if missing or unexpected:
+            raise ValueError(f"itemtoken-lm weights do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for name, p in state.items():
+                p.copy_(torch.as_tensor(np.asarray(tensors[name])).to(p.dtype))
+
+    # --- data ---------------------------------------------------------------------------
+    def _epoch_examples(self, train: Sequence[np.ndarray], epoch: int) -> list[tuple[np.ndarray, ...]]:
+        """(input_ids, labels, answer_mask) examples of one epoch, from training sequences only."""
+        cfg = self.config
+        assert self.prompts is not None
+        rng = np.random.default_rng([cfg.seed, epoch])
+        k = cfg.next_k if cfg.target == "next-k" else 1
+        examples = []
+        for seq in train:
+            seq = np.asarray(seq, dtype=np.int64)
+            n = len(seq)
+            if n < 2:
+                continue
+            if cfg.target == "next-item" and cfg.dense and cfg.examples_per_user == 0:
+                # windows ending at the last item, then every max_history items further back
+                cuts = list(range(n - 1, 0, -cfg.max_history))
+            else:
+                cuts = list(range(1, n))
+                if cfg.examples_per_user and len(cuts) > cfg.examples_per_user:
+                    cuts = sorted(rng.choice(cuts, cfg.examples_per_user, replace=False).tolist())
+            for t in cuts:
+                answer = pad_targets(seq[t : t + k], k, cfg.padding, pad_id=self.end_row)
+                if len(answer) == 0:
+                    continue
+                prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1)
+                examples.append(training_example(prompt, answer, self.prompts.n_base, dense=cfg.dense))
+        return examples
+
+    def _batches(self, n_examples: int, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:
+        """Shuffled batches of similar-length examples (deterministic per seed and epoch)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, epoch, 1])
+        order = rng.permutation(n_examples)
+        chunk = cfg.batch_size * 32
+        batches = []
+        for s in range(0, n_examples, chunk):
+            part = order[s : s + chunk]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches.extend(part[i : i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _pad(self, rows: Sequence[np.ndarray], fill: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        out = np.full((len(rows), width), fill, dtype=np.asarray(rows[0]).dtype)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = r
+        return torch.from_numpy(out).to(self.device)
+
+    # --- training -----------------------------------------------------------------------
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        """Item-softmax cross-entropy at labelled positions (+ full-vocabulary term at answers).
+
+        ids, labels: (B, L) int64, right-padded; answer_mask (B, L) bool.
+        """
+        net = self._require_net()
+        h, _ = net.hidden(ids)  # (B, L, H)
+        sel = labels != IGNORE  # (B, L)
+        loss = F.cross_entropy(net.item_logits(h[sel]).float(), labels[sel])  # over (M, R)
+        if self.config.lm_loss_weight > 0 and bool(answer_mask.any()):
+            full = net.full_logits(h[answer_mask]).float()  # (A, n_base + R)
+            loss = loss + self.config.lm_loss_weight * F.cross_entropy(full, net.n_base + labels[answer_mask])
+        return loss
+
+    def _validate(self, evalset: Any) -> float:
+        scores = self.score(evalset.histories)
+        ids, _ = top_k(scores, 10, evalset.histories)
+        return float(np.nanmean(ranking_metrics(ids, evalset.targets, [10], ["ndcg"])["ndcg@10"]))
+
+    def _after_step(self, step: int) -> None:
+        """Hook called after every optimizer step (tests use it to simulate an interruption)."""
+
+    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+        """Fine-tune on ``split.train``; early stopping on validation NDCG@10 (``split.test`` is never read).
+
+        Returns ``{"steps", "epochs", "best_step", "best_valid_ndcg@10", "train_seconds", "stopped",
+        "resumed_from", "history", "seconds_per_step"}``.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if split.n_items != self.n_items:
+            raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
+        titles = split.catalog.titles if split.catalog is not None else [f"item {i}" for i in range(self.n_items)]
+        old_threads = self._set_threads()
+        start = time.perf_counter()
+        try:
+            self._build(titles)
+            net = self._require_net()
+            state = self.trainable_state()
+            item_params = [net.item_emb, net.item_head, net.item_bias]
+            lm_params = [p for n, p in state.items() if n.startswith("lm.")]
+            groups = [{"params": item_params, "lr": cfg.item_lr, "base_lr": cfg.item_lr}]
+            if lm_params:
+                groups.append({"params": lm_params, "lr": cfg.lr, "base_lr": cfg.lr})
+            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+            valid = split.valid
+            if cfg.valid_users and len(valid) > cfg.valid_users:
+                pick = np.sort(np.random.default_rng([cfg.seed, 7]).choice(len(valid), cfg.valid_users, replace=False))
+                valid = valid.subset(pick)
+            has_valid = len(valid) > 0
+
+            examples = self._epoch_examples(split.train, 0)
+            n_examples0 = len(examples)
+            steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+            total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+            ckpt = Checkpointer(Path(cfg.checkpoint_dir), self) if cfg.checkpoint_dir else None
+            run = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "best_step": 0, "bad": 0, "elapsed": 0.0,
+                   "history": [], "resumed_from": None}
+            best_state = {n: p.detach().clone() for n, p in self.trainable_state().items()}
+            if ckpt is not None and ckpt.exists():
+                run, best_state = ckpt.restore(opt)
+                run["resumed_from"] = run["step"]
+            base_elapsed = float(run["elapsed"])
+            t_start = time.perf_counter()
+            deadline = 60.0 * cfg.max_minutes
+
+            def elapsed() -> float:
+                return base_elapsed + time.perf_counter() - t_start
+
+            def validate_and_track() -> None:
+                ndcg = self._validate(valid)
+                run["history"].append({"step": run["step"], "epoch": run["epoch"], "valid_ndcg@10": ndcg,
+                                       "loss": run.get("loss", float("nan")), "seconds": elapsed()})
+                if ndcg > run["best"]:
+                    run["best"], run["best_step"], run["bad"] = ndcg, run["step"], 0
+                    best_state.update({n: p.detach().clone() for n, p in self.trainable_state().items()})
+                else:
+                    run["bad"] += 1
+
+            stopped = "epochs"
+            bar = tqdm(total=total_steps, initial=run["step"], desc="itemtoken-lm", disable=not progress, unit="step")
+            step_times: list[float] = []
+            done = run["step"] >= total_steps
+            while not done and run["epoch"] < cfg.epochs:
+                epoch = run["epoch"]
+                if epoch > 0 or examples is None:
+                    examples = self._epoch_examples(split.train, epoch)
+                lengths = np.array([len(e[0]) for e in examples])
+                batches = self._batches(len(examples), lengths, epoch)
+                n_steps = math.ceil(len(batches) / cfg.grad_accum)
+                losses: list[float] = []
+                for s in range(run["batch"], n_steps):
+                    t0 = time.perf_counter()
+                    net.train()
+                    torch.manual_seed(cfg.seed * 1_000_003 + run["step"])  # dropout: same after resuming
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * _lr_factor(run["step"], run.get("sched_total", total_steps),
+                                                            cfg.warmup_steps, cfg.schedule)
+                    opt.zero_grad(set_to_none=True)
+                    micro = batches[s * cfg.grad_accum : (s + 1) * cfg.grad_accum]
+                    for b in micro:
+                        ids = self._pad([examples[i][0] for i in b], 0)
+                        labels = self._pad([examples[i][1] for i in b], IGNORE)
+                        amask = self._pad([examples[i][2] for i in b], False)
+                        loss = self.loss(ids, labels, amask) / len(micro)
+                        loss.backward()
+                        losses.append(float(loss.detach()) * len(micro))
+                    opt.step()
+                    net.eval()
+                    run["step"] += 1
+                    run["batch"] = s + 1
+                    run["loss"] = float(np.mean(losses[-50:]))
+                    step_times.append(time.perf_counter() - t0)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{run['loss']:.3f}", best=f"{run['best']:.4f}")
+                    self._after_step(run["step"])
+                    if cfg.fit_schedule_to_budget and (run["step"] == 10 or run["step"] % cfg.eval_every == 1):
+                        # steps that fit the remaining budget at the pace so far (10% margin for validation)
+                        pace = elapsed() / max(1, run["step"])
+                        fit_steps = run["step"] + int(0.9 * (deadline - elapsed()) / max(pace, 1e-9))
+                        run["sched_total"] = max(run["step"] + 1, min(total_steps, fit_steps))
+                    last_of_epoch = s + 1 == n_steps
+                    if has_valid and run["step"] % cfg.eval_every == 0:
+                        validate_and_track()
+                    if ckpt is not None and (run["step"] % cfg.checkpoint_every == 0 or last_of_epoch):
+                        run["elapsed"] = elapsed()
+                        ckpt.save(run, best_state, opt)
+                    if run["step"] >= total_steps:
+                        stopped, done = "max_steps", True
+                    elif elapsed() > deadline:
+                        stopped, done = "max_minutes", True
+                    elif has_valid and run["bad"] >= cfg.patience:
+                        stopped, done = "patience", True
+                    if done:
+                        break
+                if not done:
+                    run["epoch"] += 1
+                    run["batch"] = 0
+                    examples = None  # type: ignore[assignment]
+            bar.close()
+            if has_valid and (not run["history"] or run["history"][-1]["step"] != run["step"]):
+                validate_and_track()
+            if has_valid:
+                self._load_trainable(best_state)
+            if ckpt is not None:
+                run["elapsed"] = elapsed()
+                ckpt.save(run, best_state, opt)
+            net.eval()
+        finally:
+            torch.set_num_threads(old_threads)
+        return {
+            "steps": run["step"],
+            "epochs": run["step"] / max(1, steps_per_epoch),
+            "steps_per_epoch": steps_per_epoch,
+            "examples_per_epoch": n_examples0,
+            "best_step": run["best_step"],
+            "best_valid_ndcg@10": run["best"] if has_valid else float("nan"),
+            "valid_users": len(valid),
+            "train_seconds": time.perf_counter() - start,
+            "seconds_per_step": float(np.median(step_times)) if step_times else float("nan"),
+            "stopped": stopped,
+            "resumed_from": run["resumed_from"],
+            "history": run["history"],
+        }
+
+    # --- inference ----------------------------------------------------------------------
+    def prompt_ids(self, history: np.ndarray) -> np.ndarray:
+        """(L,) token ids of the prompt for one history (the answer starts after it)."""
+        assert self.prompts is not None
+        return self.prompts.build(np.asarray(history, dtype=np.int64)).ids
+
+    def render(self, history: np.ndarray) -> str:
+        """The prompt for ``history`` as text (item tokens shown as ``<|item_i|>``)."""
+        return str(self.tokenizer.decode(self.prompt_ids(history)))
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, n_items) float32: item-row logits at the answer position, one forward pass per batch."""
+        net = self._require_net()
+        old_threads = self._set_threads()
+        out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        prompts = [self.prompt_ids(h) for h in histories]
+        order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
+        bs = self.config.eval_batch_size
+        try:
+            with torch.inference_mode():
+                for s in range(0, len(prompts), bs):
+                    rows = order[s : s + bs]
+                    ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
+                    last = torch.tensor([len(prompts[i]) - 1 for i in rows], device=self.device)  # (b,)
+                    h, _ = net.hidden(ids)  # (b, L, H)
+                    logits = net.item_logits(h[torch.arange(len(rows)), last])  # (b, R)
+                    out[rows] = logits[:, : self.n_items].float().cpu().numpy()
+        finally:
+            torch.set_num_threads(old_threads)
+        return out
+
+    def generate_lists(
+        self, histories: Sequence[np.ndarray], k: int = 10, mode: Literal["beam", "greedy", "fast"] = "beam",
+        exclude_seen: bool = True,
+    ) -> np.ndarray:
+        """(n, k) int64 generated item lists.
+
+        ``beam``: constrained beam search (valid, distinct, history excluded when ``exclude_seen``);
+        ``greedy``: unconstrained greedy generation over the whole vocabulary (invalid ids are
+        ``>= n_items``, repeats possible); ``fast``: top-``k`` of :meth:`score`.
+        """
+        from llmrec.models.llm.decoding import constrained_beam_search, greedy_generate, single_token_trie
+
+        if mode == "fast":
+            return self.recommend(histories, k=k, exclude_seen=exclude_seen)[0]
+        net = self._require_net()
+        old_threads = self._set_threads()
+        out = np.empty((len(histories), k), dtype=np.int64)
+        trie = single_token_trie(self.n_items, net.n_base)
+        try:
+            for i, h in enumerate(histories):
+                ids = self.prompt_ids(h)
+                if mode == "beam":
+                    banned = np.asarray(h, dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
+                    out[i], _ = constrained_beam_search(net, ids, trie, k, self.config.beam_size, banned)
+                elif mode == "greedy":
+                    out[i] = greedy_generate(net, ids, self.n_items, k)
+                else:
+                    raise ValueError(f"unknown decoding mode {mode!r}")
+        finally:
+            torch.set_num_threads(old_threads)
+        return out
+
+    # --- persistence --------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors = {n: p.detach().float().cpu().numpy().copy() for n, p in self.trainable_state().items()}
+        extra = {"titles": self.titles, "n_base": self._require_net().n_base,
+                 "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}  # type: ignore[arg-type]
+        return tensors, extra
+
+    def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        old = self._set_threads()
+        try:
+            self._build(extra["titles"], init_rows=False)
+        finally:
+            torch.set_num_threads(old)
+        if self._require_net().n_base != extra["n_base"]:
+            raise ValueError(f"backbone {self.config.backbone} has a vocabulary of {self._require_net().n_base}, "
+                             f"the saved model expects {extra['n_base']}")
+        self._load_trainable(tensors)
+        self._require_net().eval()
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Resumable training state in ``dir/ckpt``: trainable and best weights, optimizer moments
+    (safetensors) and the loop position (JSON). Written into ``ckpt.tmp`` and renamed into place."""
+
+    def __init__(self, root: Path, model: ItemTokenLM) -> None:
+        self.root = root
+        self.dir = root / "ckpt"
+        self.model = model
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").exists()
+
+    def _config(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self.model.config).items() if k not in _RESUME_FREE}
+
+    def save(self, run: dict[str, Any], best: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.root / "ckpt.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cur = {n: p.detach().contiguous().clone() for n, p in self.model.trainable_state().items()}
+        save_file(cur, str(tmp / "trainable.safetensors"))
+        save_file({n: t.contiguous() for n, t in best.items()}, str(tmp / "best.safetensors"))
+        sd = opt.state_dict()
+        moments = {f"{pid}.{key}": torch.as_tensor(v).contiguous().clone()
+                   for pid, st in sd["state"].items() for key, v in st.items()}
+        save_file(moments, str(tmp / "optim.safetensors"))
+        groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+        state = {"run": run, "config": self._config(), "param_groups": groups}
+        (tmp / "state.json").write_text(json.dumps(state, default=float))
+        old = self.root / "ckpt.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file
+
+        state = json.loads((self.dir / "state.json").read_text())
+        if state["config"] != self._config():
+            diff = sorted(k for k in state["config"] if state["config"][k] != self._config().get(k))
+            raise ValueError(f"{self.dir}: checkpoint was written with another config (differs in {diff}); "
+                             "use another checkpoint_dir or delete it")
+        self.model._load_trainable(load_file(str(self.dir / "trainable.safetensors")))
+        best = load_file(str(self.dir / "best.safetensors"))
+        moments = load_file(str(self.dir / "optim.safetensors"))
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in moments.items():
+            pid, name = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        return state["run"], best

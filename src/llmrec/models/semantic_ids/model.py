@@ -1,0 +1,481 @@
+"""``semantic-id``: TIGER/ETEGRec-style generative retrieval with user-interest fusion.
+
+fit: item text -> sentence embeddings -> RQ-VAE codes (unique after an extra collision level)
+-> a small encoder-decoder (:mod:`.seq2seq`) trained to generate the next item's codes, with
+interest phrases of each training prefix fused by cross-attention in every decoder layer.
+
+Two inference paths:
+
+- ``recommend`` (``recommend_mode="beam"``, the generative path): trie-constrained beam search;
+  every result is a real item, and history items are pruned inside the search when excluded.
+- ``score``: exact sequence log-probability of every catalogue item's code tuple (teacher
+  forcing, all items batched), a dense full-ranking matrix; ``recommend_mode="exact"`` ranks it.
+
+Interests of a history come from its item texts via the configured extractor (``keyword``,
+``llm`` or ``openai``; LLM ones cached on disk per history). Training interests are those of the
+prefix the target follows (prefix lengths rounded down to a multiple of ``interest_stride``), so
+no target's own text ever reaches its interests.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from llmrec.data.splits import PAD_ITEM, Split
+from llmrec.eval.metrics import ranking_metrics
+from llmrec.models.base import Recommender
+from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
+from llmrec.models.semantic_ids.interests import (
+    SMOLLM2,
+    CachedExtractor,
+    CausalLMInterestExtractor,
+    InterestExtractor,
+    ItemText,
+    KeywordInterestExtractor,
+    OpenAIInterestExtractor,
+)
+from llmrec.models.semantic_ids.rqvae import RQVAEConfig, train_rqvae
+from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
+
+
+@dataclass
+class SemanticIDConfig:
+    """Hyper-parameters of :class:`SemanticIDRec`."""
+
+    embedder: str = DEFAULT_EMBEDDER  # sentence-transformers name/folder, or "hash" for tests
+    description_chars: int = 300  # description characters in the item text
+    rq_levels: int = 3
+    rq_codebook_size: int = 256
+    rq_latent_dim: int = 32
+    rq_hidden: int = 256
+    rq_steps: int = 1500
+    rq_batch_size: int = 1024
+    rq_lr: float = 1e-3
+    rq_beta: float = 0.25
+    d_model: int = 128
+    n_heads: int = 4
+    enc_layers: int = 2
+    dec_layers: int = 2
+    ff_size: int = 256
+    dropout: float = 0.1
+    max_len: int = 20  # history items the encoder reads
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    max_epochs: int = 200
+    eval_every: int = 1
+    patience: int = 5
+    max_minutes: float = 20.0  # wall-clock budget of the generator's training (validation included)
+    valid_users: int = 1000  # validation users for early stopping (0 = all)
+    beam_size: int = 20  # beams kept (at least k)
+    recommend_mode: Literal["beam", "exact"] = "beam"
+    use_interests: bool = True  # ablation flag: False builds the model without interest fusion
+    interests: Literal["keyword", "llm", "openai"] = "keyword"
+    n_interests: int = 5
+    interest_items: int = 10  # most recent history items the extractor reads
+    interest_stride: int = 1  # training prefixes get interests of length floor(p / stride) * stride
+    llm_model: str = SMOLLM2
+    llm_batch_size: int = 8
+    llm_items: int = 5  # the LLM reads at most this many recent items (prompt length drives its cost)
+    llm_max_new_tokens: int = 32
+    openai_url: str = ""
+    openai_model: str = ""
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    seed: int = 0
+    num_threads: int = 2
+    device: str = "cpu"
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("rq_levels", "rq_codebook_size", "rq_latent_dim", "rq_hidden", "rq_steps", "d_model",
+                     "n_heads", "enc_layers", "dec_layers", "ff_size", "max_len", "batch_size", "max_epochs",
+                     "eval_every", "patience", "beam_size", "n_interests", "interest_items", "interest_stride",
+                     "llm_batch_size", "llm_items", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        if self.max_minutes <= 0:
+            raise ValueError("max_minutes must be > 0")
+        if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
+            raise ValueError("interests='openai' needs openai_url and openai_model")
+
+
+def _left_pad(seqs: Sequence[np.ndarray], width: int, fill: int = PAD_ITEM) -> np.ndarray:
+    out = np.full((len(seqs), width), fill, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = np.asarray(s, dtype=np.int64)[-width:] if width else s[:0]
+        if len(s):
+            out[i, width - len(s):] = s
+    return out
+
+
+class SemanticIDRec(Recommender):
+    name = "semantic-id"
+    Config = SemanticIDConfig
+
+    def __init__(self, config: SemanticIDConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        self.device = torch.device(config.device)
+        self.net: SemIDSeq2Seq | None = None
+        self.codes: np.ndarray | None = None  # (N, L) unique code tuples
+        self.trie: CodeTrie | None = None
+        self.items: list[ItemText] = []
+        self.rq_stats: dict[str, Any] = {}
+        self._embedder = None
+        self._extractor: InterestExtractor | None = None
+        self._phrase_vecs: dict[str, np.ndarray] = {}
+
+    # --- text, embeddings, interests --------------------------------------------------------
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = get_embedder(self.config.embedder, device=self.config.device)
+        return self._embedder
+
+    @property
+    def extractor(self) -> InterestExtractor:
+        if self._extractor is None:
+            c = self.config
+            if c.interests == "keyword":
+                self._extractor = KeywordInterestExtractor(self.items, n=c.n_interests, max_items=c.interest_items)
+            elif c.interests == "llm":
+                self._extractor = CachedExtractor(CausalLMInterestExtractor(
+                    c.llm_model, n=c.n_interests, max_items=min(c.interest_items, c.llm_items),
+                    batch_size=c.llm_batch_size,
+                    max_new_tokens=c.llm_max_new_tokens))
+            else:
+                self._extractor = CachedExtractor(OpenAIInterestExtractor(
+                    c.openai_url, c.openai_model, c.openai_api_key_env, n=c.n_interests, max_items=c.interest_items))
+        return self._extractor
+
+    def phrase_vectors(self, phrases: Sequence[str]) -> np.ndarray:
+        """(len(phrases), E) embeddings of interest phrases (memoised)."""
+        missing = list(dict.fromkeys(p for p in phrases if p not in self._phrase_vecs))
+        if missing:
+            for p, v in zip(missing, self.embedder.encode(missing), strict=True):
+                self._phrase_vecs[p] = v
+        if not phrases:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        return np.stack([self._phrase_vecs[p] for p in phrases])
+
+    def interests_of(self, histories: Sequence[np.ndarray], progress: bool = False) -> list[list[str]]:
+        """Interest phrases of each history (lists of item ids)."""
+        texts = [[self.items[int(i)] for i in np.asarray(h)[-self.config.interest_items:]] for h in histories]
+        if isinstance(self.extractor, CachedExtractor):
+            return self.extractor.extract(texts, progress=progress)
+        return self.extractor.extract(texts)
+
+    def _interest_tensors(self, phrase_lists: Sequence[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """((n, P, E) float, (n, P) bool) for phrase lists (padded to n_interests)."""
+        P = self.config.n_interests
+        flat = [p for ps in phrase_lists for p in ps[:P]]
+        vecs = self.phrase_vectors(flat)
+        E = vecs.shape[1] if len(flat) else self.embedder.dim
+        out = np.zeros((len(phrase_lists), P, E), dtype=np.float32)
+        mask = np.zeros((len(phrase_lists), P), dtype=bool)
+        j = 0
+        for i, ps in enumerate(phrase_lists):
+            m = min(len(ps), P)
+            out[i, :m] = vecs[j : j + m]
+            mask[i, :m] = True
+            j += m
+        return torch.from_numpy(out).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    # --- network ---------------------------------------------------------------------------
+    def _build_net(self, vocab_sizes: tuple[int, ...], interest_dim: int) -> None:
+        c = self.config
+        ncfg = NetConfig(vocab_sizes=vocab_sizes, d_model=c.d_model, n_heads=c.n_heads, enc_layers=c.enc_layers,
+                         dec_layers=c.dec_layers, ff_size=c.ff_size, dropout=c.dropout, max_len=c.max_len,
+                         interest_dim=interest_dim if c.use_interests else 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.seed)
+            self.net = SemIDSeq2Seq(ncfg).to(self.device)
+        self.trie = CodeTrie(self.codes, vocab_sizes).to(self.device)  # type: ignore[arg-type]
+        self._codes_t = torch.from_numpy(self.codes).to(self.device)  # type: ignore[arg-type]
+
+    def _set_threads(self) -> int:
+        old = torch.get_num_threads()
+        if self.config.num_threads > 0 and self.device.type == "cpu":
+            torch.set_num_threads(self.config.num_threads)
+        return old
+
+    def _encode_histories(self, histories: Sequence[np.ndarray]):
+        """memory (B, T, d), mem_mask (B, T), fused interests or None."""
+        assert self.net is not None
+        width = max(1, min(self.config.max_len, max((len(h) for h in histories), default=1)))
+        ids = torch.from_numpy(_left_pad(histories, width)).to(self.device)  # (B, T)
+        pad = ids < 0
+        memory = self.net.encode(self._codes_t[ids.clamp(min=0)], pad)  # (B, T, d)
+        mem_mask = ~pad
+        mem_mask[:, -1] = True  # an empty history still attends to one (blank) state
+        fused = None
+        if self.config.use_interests:
+            vecs, mask = self._interest_tensors(self.interests_of(histories))
+            fused = self.net.embed_interests(vecs[:, None], mask[:, None])  # (B, 1, P+1, d)
+        return memory, mem_mask, fused
+
+    # --- fit -------------------------------------------------------------------------------
+    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+        """Embed items, learn semantic IDs, then train the generator (early stopping on validation)."""
+        if split.n_items != self.n_items:
+            raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
+        old_threads = self._set_threads()
+        try:
+            return self._fit(split, progress)
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _fit(self, split: Split, progress: bool) -> dict[str, Any]:
+        c = self.config
+        start = time.perf_counter()
+        cat = split.catalog
+        if cat is not None:
+            self.items = [ItemText(cat.titles[i] or cat.item_ids[i], tuple(cat.categories[i] or ()), cat.brands[i])
+                          for i in range(self.n_items)]
+            texts = [cat.text(i, c.description_chars) for i in range(self.n_items)]
+        else:  # pure id data: the ids are all the text there is
+            self.items = [ItemText(f"item {i}") for i in range(self.n_items)]
+            texts = [it.title for it in self.items]
+        self._extractor = None
+        t0 = time.perf_counter()
+        emb = self.embedder.encode(texts)  # (N, E)
+        embed_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rq_cfg = RQVAEConfig(levels=c.rq_levels, codebook_size=c.rq_codebook_size, latent_dim=c.rq_latent_dim,
+                             hidden=c.rq_hidden, steps=c.rq_steps, batch_size=c.rq_batch_size, lr=c.rq_lr,
+                             beta=c.rq_beta, seed=c.seed)
+        _, self.codes, self.rq_stats = train_rqvae(emb, rq_cfg)
+        self.rq_stats["seconds"] = time.perf_counter() - t0
+        vocab = tuple([c.rq_codebook_size] * c.rq_levels + [int(self.rq_stats["extra_level_size"])])
+        self._build_net(vocab, self.embedder.dim)
+        assert self.net is not None
+
+        # training rows: the last max_len+1 items of each training sequence
+        L = c.max_len
+        users = [u for u, s in enumerate(split.train) if len(s) >= 2]
+        seqs = [np.asarray(split.train[u], dtype=np.int64) for u in users]
+        inputs = _left_pad([s[-(L + 1):-1] for s in seqs], L)  # (R, L)
+        targets = _left_pad([s[-L:] for s in seqs], L)  # (R, L)
+        lengths = (inputs >= 0).sum(1)
+        t0 = time.perf_counter()
+        int_ids = None
+        phrase_table = None
+        if c.use_interests:
+            int_ids, phrase_table = self._training_interests(seqs, progress)
+        interest_s = time.perf_counter() - t0
+
+        rng = np.random.default_rng(c.seed)
+        valid = split.valid
+        if c.valid_users and len(valid) > c.valid_users:
+            valid = valid.subset(np.sort(rng.choice(len(valid), c.valid_users, replace=False)))
+        opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        gen_start = time.perf_counter()
+        deadline = gen_start + 60.0 * c.max_minutes  # the generator's budget (embedding and RQ-VAE excluded)
+        best, best_epoch, bad, epoch, stopped = -1.0, 0, 0, 0, "max_epochs"
+        best_state = copy.deepcopy(self.net.state_dict())
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=c.max_epochs, desc="semantic-id", disable=not progress, unit="ep")
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed + 1)
+                for epoch in range(1, c.max_epochs + 1):
+                    self.net.train()
+                    total, count, out_of_time = 0.0, 0, False
+                    order = np.lexsort((rng.random(len(lengths)), lengths))
+                    chunks = [order[i : i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+                    for j in rng.permutation(len(chunks)):
+                        idx = chunks[j]
+                        w = int(lengths[idx].max())
+                        x = torch.from_numpy(inputs[idx, -w:]).to(self.device)  # (b, w)
+                        y = torch.from_numpy(targets[idx, -w:]).to(self.device)  # (b, w)
+                        pad, has_t = x < 0, y >= 0
+                        interests = None
+                        if int_ids is not None and phrase_table is not None:
+                            pid = torch.from_numpy(int_ids[idx, -w:]).to(self.device)  # (b, w, P)
+                            interests = (phrase_table[pid.clamp(min=0)], pid >= 0)  # (b, w, P, E), (b, w, P)
+                        _, loss = self.net(self._codes_t[x.clamp(min=0)], pad, self._codes_t[y.clamp(min=0)],
+                                           has_t, interests)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+                        opt.step()
+                        n = int(has_t.sum())
+                        total += float(loss.detach()) * n
+                        count += n
+                        if time.perf_counter() > deadline:
+                            out_of_time = True
+                            break
+                    rec: dict[str, float] = {"epoch": float(epoch), "loss": total / max(count, 1)}
+                    if len(valid) and (epoch % c.eval_every == 0 or out_of_time or epoch == c.max_epochs):
+                        ranked, _ = self.recommend(valid.histories, k=10, batch_size=c.eval_batch_size)
+                        ndcg = float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"]))
+                        rec["valid_ndcg@10"] = ndcg
+                        if ndcg > best:
+                            best, best_epoch, bad = ndcg, epoch, 0
+                            best_state = copy.deepcopy(self.net.state_dict())
+                        else:
+                            bad += 1
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", ndcg=f"{ndcg:.4f}", best=f"{best:.4f}")
+                    history.append(rec)
+                    bar.update(1)
+                    if out_of_time or time.perf_counter() > deadline:
+                        stopped = "max_minutes"
+                        break
+                    if len(valid) and bad >= c.patience:
+                        stopped = "patience"
+                        break
+        finally:
+            bar.close()
+        if len(valid):
+            self.net.load_state_dict(best_state)
+        else:
+            best_epoch = epoch
+        self.net.eval()
+        return {
+            "epochs": epoch, "best_epoch": best_epoch, "best_valid_ndcg@10": best if len(valid) else float("nan"),
+            "stopped": stopped, "train_seconds": time.perf_counter() - start, "embed_seconds": embed_s,
+            "generator_seconds": time.perf_counter() - gen_start,
+            "interest_seconds": interest_s, "rqvae": self.rq_stats, "history": history,
+            "n_parameters": int(sum(p.numel() for p in self.net.parameters())),
+            "interest_extractor": self.extractor.cache_id if c.use_interests else None,
+        }
+
+    def _training_interests(self, seqs: list[np.ndarray], progress: bool) -> tuple[np.ndarray, torch.Tensor]:
+        """Phrase ids (R, max_len, P) (-1 = none) for every input position, and the phrase table (V, E).
+
+        Input position j of row r predicts the item after a prefix of the full training sequence;
+        its interests are those of that prefix cut to a multiple of ``interest_stride``.
+        """
+        c = self.config
+        L, P, s = c.max_len, c.n_interests, c.interest_stride
+        keys: dict[tuple[int, int], int] = {}
+        slots: list[tuple[int, int, int]] = []  # (row, column, key index)
+        for r, seq in enumerate(seqs):
+            n_in = min(len(seq) - 1, L)
+            first = len(seq) - 1 - n_in  # prefix length before the first input position, minus one
+            for j in range(n_in):
+                p = first + j + 1  # prefix length the target follows
+                cut = (p // s) * s
+                if cut == 0:
+                    continue
+                k = keys.setdefault((r, cut), len(keys))
+                slots.append((r, L - n_in + j, k))
+        prefixes = [seqs[r][:cut] for (r, cut) in keys]
+        phrases = self.interests_of(prefixes, progress=progress)
+        vocab: dict[str, int] = {}
+        per_key = np.full((len(prefixes), P), -1, dtype=np.int64)
+        for k, ps in enumerate(phrases):
+            for m, p in enumerate(ps[:P]):
+                per_key[k, m] = vocab.setdefault(p, len(vocab))
+        ids = np.full((len(seqs), L, P), -1, dtype=np.int64)
+        if slots:
+            arr = np.asarray(slots)
+            ids[arr[:, 0], arr[:, 1]] = per_key[arr[:, 2]]
+        table = self.phrase_vectors(list(vocab)) if vocab else np.zeros((1, self.embedder.dim), np.float32)
+        return ids, torch.from_numpy(np.ascontiguousarray(table)).to(self.device)
+
+    # --- inference -------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if self.net is None or self.codes is None:
+            raise RuntimeError("semantic-id: model is not fitted")
+
+    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, n_items) float32 exact log-probability of each item's code tuple (full ranking)."""
+        self._check_fitted()
+        assert self.net is not None
+        old = self._set_threads()
+        self.net.eval()
+        out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        item_chunk = 4096
+        user_chunk = max(1, min(self.config.eval_batch_size, 32768 // min(item_chunk, self.n_items)))
+        codes = self._codes_t  # (N, L)
+        try:
+            with torch.no_grad():
+                for s in range(0, len(histories), user_chunk):
+                    batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + user_chunk]]
+                    memory, mem_mask, fused = self._encode_histories(batch)
+                    B = len(batch)
+                    for i0 in range(0, self.n_items, item_chunk):
+                        tgt = codes[i0 : i0 + item_chunk]  # (G, L)
+                        G = tgt.shape[0]
+                        logp = self.net.decode(tgt[None, :, :-1].expand(B, G, -1), memory,
+                                               mem_mask[:, None, :].expand(B, G, -1), fused)  # (B, G, L, Vmax)
+                        ll = logp.gather(-1, tgt[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)
+                        out[s : s + B, i0 : i0 + G] = ll.float().cpu().numpy()
+        finally:
+            torch.set_num_threads(old)
+        return out
+
+    def recommend(self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True,
+                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (ids, log-probs): constrained beam search (``recommend_mode="beam"``) or the
+        exact full ranking of :meth:`score` (``"exact"``). Missing slots are -1 / -inf."""
+        if self.config.recommend_mode == "exact":
+            return super().recommend(histories, k, exclude_seen, batch_size)
+        self._check_fitted()
+        assert self.net is not None and self.trie is not None
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        old = self._set_threads()
+        self.net.eval()
+        ids_out, sc_out = [], []
+        try:
+            with torch.no_grad():
+                for s in range(0, len(histories), batch_size):
+                    batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + batch_size]]
+                    allowed = torch.ones(len(batch), self.n_items, dtype=torch.bool, device=self.device)
+                    if exclude_seen:
+                        for b, h in enumerate(batch):
+                            h = h[(h >= 0) & (h < self.n_items)]
+                            allowed[b, torch.from_numpy(h).to(self.device)] = False
+                    memory, mem_mask, fused = self._encode_histories(batch)
+                    items, scores = beam_search(self.net, self.trie, memory, mem_mask, fused, allowed,
+                                                max(self.config.beam_size, k))
+                    ids = np.full((len(batch), k), PAD_ITEM, dtype=np.int64)
+                    sc = np.full((len(batch), k), -np.inf, dtype=np.float32)
+                    m = min(k, items.shape[1])
+                    ids[:, :m] = items[:, :m].cpu().numpy()
+                    sc[:, :m] = scores[:, :m].float().cpu().numpy()
+                    sc[ids < 0] = -np.inf
+                    ids_out.append(ids)
+                    sc_out.append(sc)
+        finally:
+            torch.set_num_threads(old)
+        if not ids_out:
+            return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+        return np.concatenate(ids_out), np.concatenate(sc_out)
+
+    # --- persistence -----------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        self._check_fitted()
+        assert self.net is not None and self.codes is not None
+        tensors = {f"net.{k}": v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
+        tensors["codes"] = self.codes
+        extra = {
+            "vocab_sizes": list(self.net.cfg.vocab_sizes),
+            "interest_dim": int(self.net.cfg.interest_dim) or int(self.embedder.dim),
+            "rqvae": self.rq_stats,
+            "items": [[it.title, list(it.categories), it.brand] for it in self.items],
+        }
+        return tensors, extra
+
+    def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        self.codes = np.asarray(tensors["codes"], dtype=np.int64)
+        self.items = [ItemText(t, tuple(cs), b) for t, cs, b in extra["items"]]
+        self.rq_stats = extra.get("rqvae", {})
+        self._build_net(tuple(int(v) for v in extra["vocab_sizes"]), int(extra["interest_dim"]))
+        assert self.net is not None
+        state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("net.")}
+        self.net.load_state_dict(state, strict=True)
+        self.net.eval()

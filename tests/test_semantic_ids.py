@@ -1,0 +1,257 @@
+"""Semantic-ID model: RQ-VAE, code trie and constrained beam search, interest fusion, pipeline, CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmrec.data.dataset import Catalog
+from llmrec.data.splits import Split, leave_one_out
+from llmrec.eval.protocol import evaluate_full
+from llmrec.models.registry import build_model
+from llmrec.models.semantic_ids.embed import EmbeddingCache, HashEmbedder, get_embedder
+from llmrec.models.semantic_ids.model import SemanticIDRec
+from llmrec.models.semantic_ids.rqvae import RQVAEConfig, code_stats, resolve_collisions, train_rqvae
+from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
+
+N_ITEMS = 20
+TINY = {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8, "rq_hidden": 32,
+        "rq_steps": 100, "d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_size": 64,
+        "dropout": 0.0, "max_len": 12, "lr": 0.005, "batch_size": 16, "max_epochs": 60, "eval_every": 20,
+        "patience": 100, "max_minutes": 1.0, "beam_size": 10, "seed": 0, "num_threads": 1}
+
+
+def cycle_split() -> Split:
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(40):
+        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(6, 14))
+        seqs.append((start + np.arange(length)) % N_ITEMS)
+    cat = Catalog(item_ids=[f"item-{i}" for i in range(N_ITEMS)], titles=[f"Product {i}" for i in range(N_ITEMS)],
+                  brands=[None] * N_ITEMS, categories=[[f"Category {i % 4}"] for i in range(N_ITEMS)],
+                  descriptions=[None] * N_ITEMS)
+    return leave_one_out(seqs, N_ITEMS).with_catalog(cat)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Tiny tensors: one thread avoids spin-waiting on a busy machine (10x faster there)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def split() -> Split:
+    return cycle_split()
+
+
+@pytest.fixture(scope="module")
+def model(split: Split) -> SemanticIDRec:
+    m = build_model("semantic-id", TINY, N_ITEMS)
+    m.fit(split, progress=False)
+    return m  # type: ignore[return-value]
+
+
+# --- RQ-VAE -----------------------------------------------------------------------------------
+
+
+def test_rqvae_learns_and_ids_are_unique() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 16))
+    emb = (centres[rng.integers(12, size=300)] + 0.1 * rng.normal(size=(300, 16))).astype(np.float32)
+    emb[:5] = emb[5]  # exact duplicates must still end up with distinct IDs
+    cfg = RQVAEConfig(levels=3, codebook_size=8, latent_dim=8, hidden=64, steps=150, batch_size=128, seed=0)
+    _, codes, stats = train_rqvae(emb, cfg)
+    assert stats["recon_mse_after"] < 0.5 * stats["recon_mse_before"]
+    assert stats["loss_after"] < stats["loss_before"]
+    assert codes.shape == (300, 4)
+    assert len(np.unique(codes, axis=0)) == 300
+    assert 0 < stats["collision_rate"] <= 1  # the duplicates collide before resolution
+    assert len(stats["utilization"]) == 3 and all(0 < u <= 1 for u in stats["utilization"])
+    assert stats["extra_level_size"] == codes[:, -1].max() + 1 >= 6
+
+
+def test_resolve_collisions_and_stats() -> None:
+    codes = np.array([[0, 1], [0, 1], [2, 3], [0, 1]])
+    out = resolve_collisions(codes)
+    np.testing.assert_array_equal(out[:, -1], [0, 1, 0, 2])
+    s = code_stats(codes, 4)
+    assert s["collision_rate"] == pytest.approx(0.75)
+    assert s["max_group"] == 3
+    assert s["utilization"] == [0.5, 0.5]
+
+
+# --- trie and beam search -------------------------------------------------------------------------
+
+
+def _random_net_and_trie(seed: int = 0) -> tuple[SemIDSeq2Seq, CodeTrie, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vocab = (6, 5, 3)
+    all_codes = np.array(np.meshgrid(*[np.arange(v) for v in vocab], indexing="ij")).reshape(3, -1).T
+    codes = all_codes[np.sort(rng.choice(len(all_codes), 40, replace=False))]  # a sparse set of real tuples
+    torch.manual_seed(seed)
+    net = SemIDSeq2Seq(NetConfig(vocab_sizes=vocab, d_model=16, n_heads=2, enc_layers=1, dec_layers=2,
+                                 ff_size=32, dropout=0.0, max_len=8, interest_dim=4)).eval()
+    return net, CodeTrie(codes, vocab), codes
+
+
+def _exact_logprob(net: SemIDSeq2Seq, codes: np.ndarray, memory: torch.Tensor, mem_mask: torch.Tensor,
+                   fused: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    c = torch.from_numpy(codes)
+    B, G = memory.shape[0], len(codes)
+    logp = net.decode(c[None, :, :-1].expand(B, G, -1), memory, mem_mask[:, None].expand(B, G, -1), fused)
+    return logp.gather(-1, c[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)  # (B, G)
+
+
+@pytest.mark.parametrize("beam", [1, 3, 7, 40, 60])
+def test_constrained_beam_search_only_yields_valid_allowed_items(beam: int) -> None:
+    net, trie, codes = _random_net_and_trie()
+    B, T, N = 5, 4, len(codes)
+    gen = torch.Generator().manual_seed(1)
+    hist = torch.randint(0, N, (B, T), generator=gen)
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, :2] = True
+    with torch.no_grad():
+        memory = net.encode(trie.codes[hist], pad)
+        fused = net.embed_interests(torch.randn(B, 1, 3, 4, generator=gen), torch.ones(B, 1, 3, dtype=torch.bool))
+        allowed = torch.rand(B, N, generator=gen) > 0.3
+        allowed[1] = False
+        allowed[1, 7] = True  # a user for whom a single item is left
+        items, scores = beam_search(net, trie, memory, ~pad, fused, allowed, beam)
+        exact = _exact_logprob(net, codes, memory, ~pad, fused)
+    for b in range(B):
+        got = items[b][items[b] >= 0]
+        assert len(set(got.tolist())) == len(got)  # distinct
+        assert allowed[b, got].all()  # real and allowed
+        assert len(got) == min(beam, int(allowed[b].sum()))
+        assert torch.isinf(scores[b][items[b] < 0]).all()
+        assert (scores[b, : len(got)].diff() <= 1e-6).all()
+        torch.testing.assert_close(scores[b, : len(got)], exact[b, got], atol=1e-5, rtol=1e-5)
+        if beam >= int(allowed[b].sum()):  # a wide beam enumerates every allowed item: exact ranking
+            expected = torch.argsort(exact[b].masked_fill(~allowed[b], -torch.inf), descending=True)[: len(got)]
+            assert set(got.tolist()) == set(expected.tolist())
+
+
+def test_trie_rejects_duplicate_tuples() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        CodeTrie(np.array([[0, 1], [0, 1]]), (2, 2))
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+def test_pipeline_on_tiny_model(model: SemanticIDRec, split: Split, tmp_path: Path) -> None:
+    assert model.codes is not None and len(np.unique(model.codes, axis=0)) == N_ITEMS
+    res = evaluate_full(model, split.test, ks=[1, 5, 10])
+    assert res.overall["recall@10"] >= 0.9
+    ids, _scores = model.recommend(split.test.histories, k=10)
+    assert (ids < N_ITEMS).all()
+    for h, row in zip(split.test.histories, ids, strict=True):
+        assert not np.isin(row, h).any()
+        assert (row >= 0).sum() == min(10, N_ITEMS - len(np.unique(h)))  # every unseen item can be found
+    # the dense full-ranking path agrees with the generative path on the best item
+    exact = SemanticIDRec.load(_saved(model, tmp_path))
+    exact.config.recommend_mode = "exact"
+    ids_exact, _ = exact.recommend(split.test.histories, k=1)
+    assert (ids_exact[:, 0] == ids[:, 0]).mean() >= 0.95
+    s = model.score(split.test.histories[:3])
+    assert s.shape == (3, N_ITEMS) and s.dtype == np.float32 and np.isfinite(s).all()
+    assert (np.exp(s).sum(1) <= 1.0 + 1e-4).all()  # log-probabilities of disjoint code tuples
+
+def _saved(model: SemanticIDRec, tmp_path: Path) -> Path:
+    model.save(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_interests_change_the_scores(model: SemanticIDRec, split: Split, monkeypatch: pytest.MonkeyPatch) -> None:
+    hists = split.test.histories[:8]
+    with_interests = model.score(hists)
+    monkeypatch.setattr(model, "interests_of", lambda hs, progress=False: [[] for _ in hs])
+    without = model.score(hists)
+    assert np.abs(with_interests - without).max() > 1e-3
+    monkeypatch.setattr(model, "interests_of", lambda hs, progress=False: [["category 3", "product"] for _ in hs])
+    other = model.score(hists)
+    assert np.abs(other - with_interests).max() > 1e-3
+
+
+def test_ablation_flag_removes_fusion(split: Split) -> None:
+    m = build_model("semantic-id", {**TINY, "use_interests": False, "max_epochs": 2}, N_ITEMS)
+    m.fit(split, progress=False)
+    names = [n for n, _ in m.net.named_parameters()]  # type: ignore[union-attr]
+    assert not any("interest" in n or "int_" in n for n in names)
+    m2 = build_model("semantic-id", {**TINY, "max_epochs": 2}, N_ITEMS)
+    m2.fit(split, progress=False)
+    assert any("interest_attn" in n for n, _ in m2.net.named_parameters())  # type: ignore[union-attr]
+
+
+def test_training_interests_never_see_the_target(split: Split) -> None:
+    m = build_model("semantic-id", {**TINY, "max_epochs": 1}, N_ITEMS)
+    m.fit(split, progress=False)
+    seen: list[np.ndarray] = []
+    orig = m.interests_of
+
+    def spy(hs, progress=False):
+        seen.extend(np.asarray(h) for h in hs)
+        return orig(hs, progress)
+
+    m.interests_of = spy  # type: ignore[method-assign]
+    seqs = [np.asarray(s) for s in split.train if len(s) >= 2]
+    ids, _ = m._training_interests(seqs, progress=False)
+    # every input position has interests, computed from a prefix that ends at that position
+    assert len(seen) == sum(min(len(s) - 1, TINY["max_len"]) for s in seqs)
+    assert all(len(p) < len(s) for p in seen for s in [max(seqs, key=len)])
+    assert (ids[:, -1, 0] >= 0).all()
+
+
+def test_hash_embedder_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = get_embedder("hash-32")
+    assert isinstance(e, HashEmbedder) and e.dim == 32
+    v = e.encode(["red lipstick", "red lipstick", "blue stapler"])
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(v[0], v[1])
+    calls: list[list[str]] = []
+
+    def compute(texts: list[str]) -> np.ndarray:
+        calls.append(texts)
+        return e.encode(texts)
+
+    cache = EmbeddingCache("some/model", root=tmp_path)
+    a = cache.get_or_compute(["x", "y", "x"], compute)
+    b = EmbeddingCache("some/model", root=tmp_path).get_or_compute(["y", "x", "z"], compute)  # a new process
+    assert calls == [["x", "y"], ["z"]]
+    np.testing.assert_array_equal(a[0], b[1])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_cli_train_evaluate_recommend(tmp_path: Path) -> None:
+    from llmrec.cli import main
+
+    split = cycle_split()
+    src = tmp_path / "src"
+    src.mkdir()
+    seqs = [np.concatenate([split.train[u], *[t for ev in (split.valid, split.test)
+                                              for uu, t in zip(ev.users, ev.targets, strict=True) if uu == u]])
+            for u in range(split.n_users)]
+    with gzip.open(src / "sequences.jsonl.gz", "wt") as f:
+        for u, s in enumerate(seqs):
+            f.write(json.dumps({"user_id": f"u{u}", "item_ids": [f"item-{i}" for i in s]}) + "\n")
+    with gzip.open(src / "items.jsonl.gz", "wt") as f:
+        for i in range(N_ITEMS):
+            f.write(json.dumps({"item_id": f"item-{i}", "title": f"Product {i}", "categories": [f"C{i % 4}"]}) + "\n")
+    ds = tmp_path / "ds"
+    assert main(["data", "prepare", str(src), str(ds), "--quiet"]) == 0
+    sets = [f"model.params.{k}={json.dumps(v)}" for k, v in TINY.items()]
+    run = tmp_path / "run"
+    args = ["train", "--model", "semantic-id", "--dataset", str(ds), "--out", str(run), "--quiet"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["overall"]["ndcg@10"] > 0.5
+    assert main(["recommend", str(run), "--user", "u0", "-k", "3", "--json"]) == 0
