@@ -225,7 +225,12 @@ def markdown(result: dict[str, Any]) -> str:
         else:
             lines += ["", ("SASRec has no Office row in baselines.json yet: run `python benchmarks/baselines.py "
                       "--datasets amazon-office-2014 --models sasrec` and re-run with `--table-only`.")]
+    for note in result.get("notes", []):
+        lines += ["", f"Note: {note}"]
     n10 = result.get("next10")
+    if not n10:
+        lines += ["", "## Next-10 protocol", "", ("Not recorded yet: run `python benchmarks/itemtoken.py --skip-loo` "
+                  "(ratio split, next-10 targets from the training part only).")]
     if n10:
         lines += ["", "## Next-10 protocol (earlier project's metrics, leak-free split)", "",
                   (f"Split: {n10['split']}; test targets: the first 10 test items "
