@@ -60,6 +60,18 @@ def top_k(
     return ids, out
 
 
+def left_pad(seqs: Sequence[np.ndarray], width: int, fill: int = PAD_ITEM) -> np.ndarray:
+    """(n, width) int64: the last ``width`` entries of each sequence, right-aligned, ``fill`` before."""
+    out = np.full((len(seqs), width), fill, dtype=np.int64)
+    if width <= 0:
+        return out
+    for i, s in enumerate(seqs):
+        s = np.asarray(s, dtype=np.int64)[-width:]
+        if len(s):
+            out[i, width - len(s) :] = s
+    return out
+
+
 class Recommender(ABC):
     """Base class of every model: ``fit``, ``score``, ``recommend``, ``save``, ``load``.
 

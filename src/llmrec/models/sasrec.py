@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llmrec.data.splits import Split
 from llmrec.eval.metrics import ranking_metrics
-from llmrec.models.base import Recommender
+from llmrec.models.base import Recommender, left_pad
 
 
 @dataclass
@@ -243,16 +243,6 @@ class SASRecNet(nn.Module):
 # --- recommender --------------------------------------------------------------------------
 
 
-def _left_pad(seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
-    """(n, width) int64 array of the last ``width`` entries of each row, left-padded with 0."""
-    out = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        s = np.asarray(s, dtype=np.int64)[-width:]
-        if len(s):
-            out[i, width - len(s) :] = s
-    return out
-
-
 class SASRec(Recommender):
     """SASRec with full-softmax cross-entropy training and validation early stopping."""
 
@@ -277,8 +267,8 @@ class SASRec(Recommender):
         """Shifted (inputs, targets), each (n_rows, max_len), one row per sequence with >= 2 items."""
         L = self.config.max_len
         seqs = [np.asarray(s, dtype=np.int64)[-(L + 1) :] + 1 for s in train if len(s) >= 2]
-        inputs = _left_pad([s[:-1] for s in seqs], L)  # (n_rows, L)
-        targets = _left_pad([s[1:] for s in seqs], L)  # (n_rows, L)
+        inputs = left_pad([s[:-1] for s in seqs], L, fill=0)  # (n_rows, L)
+        targets = left_pad([s[1:] for s in seqs], L, fill=0)  # (n_rows, L)
         return inputs, targets
 
     def _batches(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -404,7 +394,7 @@ class SASRec(Recommender):
                     rows = order[s : s + bs]
                     chunk = [hists[i] for i in rows]
                     width = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty
-                    tokens = torch.from_numpy(_left_pad(chunk, width)).to(self.device)  # (b, width)
+                    tokens = torch.from_numpy(left_pad(chunk, width, fill=0)).to(self.device)  # (b, width)
                     logits, _ = self.net(tokens)  # (b, n_items)
                     out[rows] = logits.float().cpu().numpy()
         finally:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from llmrec.data.splits import PAD_ITEM, Split
 from llmrec.eval.metrics import ranking_metrics
-from llmrec.models.base import Recommender
+from llmrec.models.base import Recommender, left_pad
 from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
 from llmrec.models.semantic_ids.interests import (
     SMOLLM2,
@@ -109,15 +109,6 @@ class SemanticIDConfig:
             raise ValueError("max_minutes must be > 0")
         if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
             raise ValueError("interests='openai' needs openai_url and openai_model")
-
-
-def _left_pad(seqs: Sequence[np.ndarray], width: int, fill: int = PAD_ITEM) -> np.ndarray:
-    out = np.full((len(seqs), width), fill, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        s = np.asarray(s, dtype=np.int64)[-width:] if width else s[:0]
-        if len(s):
-            out[i, width - len(s):] = s
-    return out
 
 
 class SemanticIDRec(Recommender):
@@ -214,7 +205,7 @@ class SemanticIDRec(Recommender):
         """memory (B, T, d), mem_mask (B, T), fused interests or None."""
         assert self.net is not None
         width = max(1, min(self.config.max_len, max((len(h) for h in histories), default=1)))
-        ids = torch.from_numpy(_left_pad(histories, width)).to(self.device)  # (B, T)
+        ids = torch.from_numpy(left_pad(histories, width)).to(self.device)  # (B, T)
         pad = ids < 0
         memory = self.net.encode(self._codes_t[ids.clamp(min=0)], pad)  # (B, T, d)
         mem_mask = ~pad
@@ -265,8 +256,8 @@ class SemanticIDRec(Recommender):
         L = c.max_len
         users = [u for u, s in enumerate(split.train) if len(s) >= 2]
         seqs = [np.asarray(split.train[u], dtype=np.int64) for u in users]
-        inputs = _left_pad([s[-(L + 1):-1] for s in seqs], L)  # (R, L)
-        targets = _left_pad([s[-L:] for s in seqs], L)  # (R, L)
+        inputs = left_pad([s[-(L + 1):-1] for s in seqs], L)  # (R, L)
+        targets = left_pad([s[-L:] for s in seqs], L)  # (R, L)
         lengths = (inputs >= 0).sum(1)
         t0 = time.perf_counter()
         int_ids = None
