@@ -49,7 +49,7 @@ def run_demo(
     print(f"dataset {ds_dir}: {ds.n_users} users, {ds.n_items} items, "
           f"{ds.stats['interactions']} interactions (fingerprint {ds.fingerprint})", file=out)
     rows: dict[str, dict[str, float]] = {}
-    run_dirs = {}
+    runs = {}
     for name, params in models.items():
         cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
         cfg.model = ModelSection(name=name, params=dict(params))
@@ -59,16 +59,15 @@ def run_demo(
         run = load_run(run_dir)
         result = evaluate_run(run, progress=progress)
         rows[name] = {**result.overall, "train_s": record["train_seconds"]}
-        run_dirs[name] = run_dir
+        runs[name] = run
     cols = [f"{m}@{k}" for m in ("ndcg", "hit_rate", "recall", "mrr") for k in (10, 20)] + ["coverage@10", "train_s"]
     print(f"\nTest metrics, leave-one-out, full ranking over all {ds.n_items} items "
           f"(history items excluded):", file=out)
     print(format_table(rows, cols), file=out)
     best = max(rows, key=lambda m: rows[m].get("ndcg@10", 0.0))
-    run = load_run(run_dirs[best])
     users = [ds.user_ids[i] for i in range(min(n_users, ds.n_users))]
     print(f"\nTop-10 next products from {best} (best NDCG@10):", file=out)
-    for rec in recommend_for_users(run, users, k=10):
+    for rec in recommend_for_users(runs[best], users, k=10):
         print(f"\nuser {rec['user_id']}, last purchases:", file=out)
         for h in rec["history"]:
             print(f"    - {h['title'][:90]}", file=out)
