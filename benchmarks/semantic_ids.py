@@ -50,7 +50,7 @@ def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdi
     tag = f"{dataset}-semid-{'int-' + extractor if use_interests else 'noint'}-seed{seed}"
     run_dir = workdir / "runs" / tag
     t0 = time.perf_counter()
-    record = train(cfg, run_dir, overwrite=True, progress=False)
+    record = train(cfg, run_dir, overwrite=True, progress=True)  # progress goes to the parent's stderr
     train_s = time.perf_counter() - t0
     run = load_run(run_dir)
     t0 = time.perf_counter()
@@ -220,9 +220,9 @@ def main() -> None:
                 print(f"== {dataset} seed {seed} fusion {variant} ({args.extractor})", flush=True)
                 cmd = [sys.executable, __file__, "--one", dataset, str(seed), variant, args.extractor,
                        "--workdir", str(args.workdir)] + [a for s in args.sets for a in ("--set", s)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)  # stderr: ours
                 if proc.returncode != 0:
-                    sys.exit(f"{dataset}/{seed}/{variant} failed:\n{proc.stderr[-3000:]}")
+                    sys.exit(f"{dataset}/{seed}/{variant} failed (exit {proc.returncode}); its log is above")
                 row = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
                 t = row["test"]
                 print(f"   recall@10 {t['recall@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} train {row['train_seconds']:.0f}s"

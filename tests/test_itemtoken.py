@@ -26,7 +26,7 @@ from llmrec.models.llm.prompts import IGNORE, PromptBuilder, item_token, trainin
 N_ITEMS = 20
 TINY = {"backbone": "random-tiny-llama", "template": "plain", "title_tokens": 2, "max_prompt_tokens": 128,
         "lr": 1e-2, "item_lr": 3e-2, "batch_size": 8, "epochs": 12, "eval_every": 20, "patience": 100,
-        "warmup_steps": 5, "num_threads": 1, "lora_dropout": 0.0}
+        "warmup_steps": 5, "num_threads": 1, "lora_dropout": 0.0, "amp": "off"}
 
 
 def cycle_split(n_users: int = 40, seed: int = 0) -> Split:
@@ -305,3 +305,25 @@ def test_backbone_can_keep_its_first_layers(split: Split) -> None:
     model = built(n_layers=1)
     assert len(model.net.lm.base_model.model.model.layers) == 1  # type: ignore[union-attr]
     assert model.score(split.test.histories[:3]).shape == (3, N_ITEMS)
+
+
+def test_bf16_autocast_scores_stay_close_to_float32(trained: ItemTokenLM, split: Split) -> None:
+    hist = split.test.histories[:8]
+    exact = trained.score(hist)
+    trained.config.amp = "bf16"
+    try:
+        fast = trained.score(hist)
+    finally:
+        trained.config.amp = "off"
+    assert fast.dtype == np.float32 and fast.shape == exact.shape
+    np.testing.assert_allclose(fast, exact, atol=0.15 * float(np.abs(exact).max()))
+    assert (fast.argmax(1) == exact.argmax(1)).mean() >= 0.75
+
+
+def test_amp_modes() -> None:
+    from llmrec.models.amp import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("off", cpu)
+    with pytest.raises(ValueError, match="amp must be"):
+        use_bf16("fp8", cpu)  # type: ignore[arg-type]

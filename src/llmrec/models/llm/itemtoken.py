@@ -45,6 +45,7 @@ from torch import nn
 
 from llmrec.data.splits import Padding, Split, pad_targets
 from llmrec.eval.metrics import ranking_metrics
+from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
 from llmrec.models.llm.prompts import IGNORE, PromptBuilder, Template, item_token, training_example
@@ -56,6 +57,7 @@ class ItemTokenLMConfig:
 
     backbone: str = DEFAULT_BACKBONE  # "smollm2-135m-instruct" (offline), a local folder, or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    amp: Amp = "auto"  # bfloat16 autocast (weights stay float32): "auto" = where the CPU/GPU runs bf16 fast
     n_layers: int = 0  # keep only the first n transformer blocks of the backbone (0 = all): a CPU budget knob
     # prompt
     template: Template = "alpaca"
@@ -117,7 +119,7 @@ class ItemTokenLMConfig:
 
 
 # Config keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_threads", "eval_batch_size", "device"}
+_RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_threads", "eval_batch_size", "device", "amp"}
 
 
 # --- network ------------------------------------------------------------------------------
@@ -469,7 +471,8 @@ class ItemTokenLM(Recommender):
                         ids = self._pad([examples[i][0] for i in b], 0)
                         labels = self._pad([examples[i][1] for i in b], IGNORE)
                         amask = self._pad([examples[i][2] for i in b], False)
-                        loss = self.loss(ids, labels, amask) / len(micro)
+                        with autocast(cfg.amp, self.device):
+                            loss = self.loss(ids, labels, amask) / len(micro)
                         loss.backward()
                         losses.append(float(loss.detach()) * len(micro))
                     opt.step()
@@ -549,7 +552,7 @@ class ItemTokenLM(Recommender):
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         bs = self.config.eval_batch_size
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(self.config.amp, self.device):
                 for s in range(0, len(prompts), bs):
                     rows = order[s : s + bs]
                     ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
@@ -579,16 +582,17 @@ class ItemTokenLM(Recommender):
         old_threads = self._set_threads()
         out = np.empty((len(histories), k), dtype=np.int64)
         trie = single_token_trie(self.n_items, net.n_base)
+        if mode not in ("beam", "greedy"):
+            raise ValueError(f"unknown decoding mode {mode!r}")
         try:
-            for i, h in enumerate(histories):
-                ids = self.prompt_ids(h)
-                if mode == "beam":
-                    banned = np.asarray(h, dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
-                    out[i], _ = constrained_beam_search(net, ids, trie, k, self.config.beam_size, banned)
-                elif mode == "greedy":
-                    out[i] = greedy_generate(net, ids, self.n_items, k)
-                else:
-                    raise ValueError(f"unknown decoding mode {mode!r}")
+            with autocast(self.config.amp, self.device):
+                for i, h in enumerate(histories):
+                    ids = self.prompt_ids(h)
+                    if mode == "beam":
+                        banned = np.asarray(h, dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
+                        out[i], _ = constrained_beam_search(net, ids, trie, k, self.config.beam_size, banned)
+                    else:
+                        out[i] = greedy_generate(net, ids, self.n_items, k)
         finally:
             torch.set_num_threads(old_threads)
         return out
