@@ -105,3 +105,7 @@ def test_demo_prints_table_and_titles(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "| itemknn |" in out and "| popularity |" in out
     assert "full ranking over all 2420 items" in out
     assert out.count("recommended:") == 2
+    # the shown model is picked on validation NDCG@10 (ItemKNN beats popularity there by far)
+    assert "from itemknn (best validation NDCG@10" in out
+    metrics = json.loads((tmp_path / "runs" / "amazon-office-2014-itemknn-seed0" / "metrics.json").read_text())
+    assert metrics["extra"]["on"] == "test"  # the validation pass did not overwrite the test metrics

@@ -10,7 +10,7 @@ from llmrec.config import from_dict
 from llmrec.data.dataset import Dataset
 from llmrec.data.prepare import PrepareConfig, prepare_dataset
 from llmrec.eval.report import format_table
-from llmrec.runs import ModelSection, RunConfig, evaluate_run, load_run, recommend_for_users, train
+from llmrec.runs import EvalConfig, ModelSection, RunConfig, evaluate_run, load_run, recommend_for_users, train
 
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
     "popularity": {},
@@ -49,6 +49,7 @@ def run_demo(
     print(f"dataset {ds_dir}: {ds.n_users} users, {ds.n_items} items, "
           f"{ds.stats['interactions']} interactions (fingerprint {ds.fingerprint})", file=out)
     rows: dict[str, dict[str, float]] = {}
+    valid_ndcg: dict[str, float] = {}
     runs = {}
     for name, params in models.items():
         cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
@@ -58,15 +59,17 @@ def run_demo(
         record = train(cfg, run_dir, overwrite=True, progress=progress)
         run = load_run(run_dir)
         result = evaluate_run(run, progress=progress)
+        valid = evaluate_run(run, EvalConfig(on="valid", ks=[10]), progress=False, write=False)
         rows[name] = {**result.overall, "train_s": record["train_seconds"]}
+        valid_ndcg[name] = float(valid.overall["ndcg@10"])
         runs[name] = run
     cols = [f"{m}@{k}" for m in ("ndcg", "hit_rate", "recall", "mrr") for k in (10, 20)] + ["coverage@10", "train_s"]
     print(f"\nTest metrics, leave-one-out, full ranking over all {ds.n_items} items "
           f"(history items excluded):", file=out)
     print(format_table(rows, cols), file=out)
-    best = max(rows, key=lambda m: rows[m].get("ndcg@10", 0.0))
+    best = max(valid_ndcg, key=lambda m: valid_ndcg[m])  # chosen on validation, never on test
     users = [ds.user_ids[i] for i in range(min(n_users, ds.n_users))]
-    print(f"\nTop-10 next products from {best} (best NDCG@10):", file=out)
+    print(f"\nTop-10 next products from {best} (best validation NDCG@10, {valid_ndcg[best]:.4f}):", file=out)
     for rec in recommend_for_users(runs[best], users, k=10):
         print(f"\nuser {rec['user_id']}, last purchases:", file=out)
         for h in rec["history"]:
