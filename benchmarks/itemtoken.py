@@ -50,6 +50,8 @@ LOO_PARAMS: dict[str, Any] = {
     # the recorded run used the unscaled title rows as output rows (initial item loss about 11 instead
     # of ln(2420) = 7.8 with the default 0.1); kept here so that this command reproduces it
     "head_init_scale": 1.0,
+    # item tokens only: no ratings or review text in the prompt (the CPU budget)
+    "ratings": False, "review_chars": 0,
 }
 NEXT10_PARAMS: dict[str, Any] = {
     **LOO_PARAMS, "target": "next-k", "next_k": 10, "padding": "repeat", "examples_per_user": 1, "epochs": 1,
@@ -109,7 +111,7 @@ def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_laten
     lists: dict[str, Any] = {}
     for mode in ("fast", "beam", "greedy"):
         t0 = time.perf_counter()
-        ranked = model.generate_lists(sub.histories, k=10, mode=mode)
+        ranked = model.generate_lists(sub.histories, k=10, mode=mode, users=sub.users)
         per_user_ms = 1000 * (time.perf_counter() - t0) / len(sub)
         r = evaluate_lists(ranked, sub, ds.n_items, ks=[10], protocol=f"generated-{mode}")
         lists[mode] = {"ndcg@10": r.overall["ndcg@10"], "recall@10": r.overall["recall@10"],
@@ -164,7 +166,7 @@ def part_next10(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int) -> d
     sample = np.sort(rng.choice(len(test10), min(n_gen, len(test10)), replace=False))
     sub = test10.subset(sample)
     for mode in ("fast", "beam", "greedy"):
-        ranked = model.generate_lists(sub.histories, k=10, mode=mode)
+        ranked = model.generate_lists(sub.histories, k=10, mode=mode, users=sub.users)
         r = evaluate_lists(ranked, sub, ds.n_items, ks=[10])
         rows[f"itemtoken-lm, {mode} ({len(sub)} sampled users)"] = (
             {m: r.overall[m] for m in metrics} | {"users": r.n_users, "invalid_rate": r.overall["invalid_rate"],

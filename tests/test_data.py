@@ -119,6 +119,23 @@ def test_2023_sample_histories_equal_raw_file(sample_2023):
             assert e["text"] in x["review"] and e["title"] in x["review"]
 
 
+
+@needs_2023
+def test_2023_sample_feedback_is_aligned_with_sequences(sample_2023):
+    from llmrec.data.dataset import Dataset
+
+    out, _ = sample_2023
+    ds = Dataset.load(out)
+    fb = ds.feedback()
+    got = histories(out)
+    assert fb.ratings is not None and fb.reviews is not None
+    for u, uid in enumerate(ds.user_ids[:50]):
+        rows = got[uid]
+        assert [float(r) for r in fb.ratings[u]] == [x["rating"] for x in rows]
+        assert fb.reviews[u] == [x["review"] for x in rows]
+        r, v = fb.of(u, ds.sequences[u][:2])
+        assert r is not None and v is not None and len(r) == len(v) == min(2, len(rows))
+
 @needs_2023
 def test_2023_sample_ids_and_titles_round_trip(sample_2023):
     out, manifest = sample_2023

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmrec.data.dataset import Catalog
-from llmrec.data.splits import Split, leave_one_out
+from llmrec.data.splits import Feedback, Split, leave_one_out
 from llmrec.eval.protocol import evaluate_full, evaluate_lists
 from llmrec.models.llm.backbone import load_backbone, tiny_tokenizer
 from llmrec.models.llm.decoding import ItemTrie, constrained_beam_search, single_token_trie
@@ -327,3 +327,40 @@ def test_amp_modes() -> None:
     assert use_bf16("bf16", cpu) and not use_bf16("off", cpu)
     with pytest.raises(ValueError, match="amp must be"):
         use_bf16("fp8", cpu)  # type: ignore[arg-type]
+
+
+def feedback_for(split: Split) -> Feedback:
+    """Full sequences of the cycle split with rating (j % 5 + 1) and review 'note{u}x{j}' at position j."""
+    seqs = [np.asarray(s) for s in split.train]
+    for u, h, t in zip(split.test.users, split.test.histories, split.test.targets, strict=True):
+        seqs[u] = np.concatenate([h, t])
+    return Feedback(seqs, [np.arange(len(s), dtype=np.float32) % 5 + 1 for s in seqs],
+                    [[f"note{u}x{j}" for j in range(len(s))] for u, s in enumerate(seqs)])
+
+
+def test_ratings_and_reviews_of_history_items_only_reach_prompts(split: Split) -> None:
+    import re
+
+    model = built(review_chars=20, max_prompt_tokens=400)
+    fsplit = split.with_feedback(feedback_for(split))
+    model.feedback = fsplit.feedback
+    assert model.wants_feedback and not built(ratings=False, review_chars=0).wants_feedback
+    users = [u for u, s in enumerate(fsplit.train) if len(s) >= 2]
+    examples = model._epoch_examples(fsplit.train, 0)
+    assert len(examples) == len(users)  # one window per (short) sequence
+    for u, (ids, _, _) in zip(users, examples, strict=True):
+        text = model.tokenizer.decode([t for t in ids if t < model.net.n_base])
+        notes = [(int(a), int(b)) for a, b in re.findall(r"note(\d+)x(\d+)", text)]
+        n = len(fsplit.train[u])
+        # every history item but the answer (the last training item) shows its note; no later one
+        assert sorted(notes) == [(u, j) for j in range(n - 1)]
+        assert f"rated {(n - 2) % 5 + 1}" in text
+    u = int(fsplit.test.users[0])
+    hist = fsplit.test.histories[0]
+    assert f"note{u}x{len(hist) - 1}" in model.render(hist, u)
+    assert f"note{u}x{len(hist)}" not in model.render(hist, u)  # the target's review never shows
+    assert "note" not in model.render(hist)  # no user, no feedback
+    assert "note" not in model.render(hist[::-1].copy(), u)  # not the user's record: no feedback
+    with_fb = model.score([hist], users=np.array([u]))
+    without = model.score([hist])
+    assert not np.allclose(with_fb, without)

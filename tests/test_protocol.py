@@ -55,7 +55,7 @@ class LookupModel(Recommender):
     def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
         return {}
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         self.calls += 1
         rows = [self.table.get(tuple(int(x) for x in h), self.default) for h in histories]
         return np.stack(rows) if rows else np.empty((0, self.n_items), np.float32)

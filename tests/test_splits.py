@@ -141,3 +141,20 @@ def test_evalset_first_k_and_subset() -> None:
     assert es.subset([1]).users.tolist() == [4]
     with pytest.raises(ValueError):
         EvalSet(np.array([1]), [], [])
+
+
+def test_feedback_of_a_history_is_its_prefix_of_the_users_sequence() -> None:
+    from llmrec.data.splits import Feedback
+
+    seqs = [np.array([3, 1, 2]), np.array([0, 4])]
+    fb = Feedback(seqs, [np.array([5.0, 4.0, np.nan], np.float32), np.array([1.0, 2.0], np.float32)],
+                  [["a", "b", None], ["c", "d"]])
+    r, v = fb.of(0, np.array([3, 1]))
+    assert r is not None and list(r) == [5.0, 4.0] and v == ["a", "b"]
+    assert fb.of(0, np.array([1, 3])) == (None, None)  # not the user's recorded order
+    assert fb.of(1, np.array([0, 4, 9])) == (None, None)  # longer than the record
+    assert fb.of(7, np.array([0])) == (None, None)  # unknown user
+    split = leave_one_out(seqs, 5)
+    assert split.with_feedback(fb).feedback is fb
+    with pytest.raises(ValueError, match="covers 2 users"):
+        leave_one_out(seqs + [np.array([1])], 5).with_feedback(fb)

@@ -83,8 +83,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     return cfg
 
 
-def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
-    """The split that ``cfg`` describes (deterministic for a dataset), carrying the item catalog."""
+def make_split(ds: Dataset, cfg: SplitConfig, feedback: bool = False) -> Split:
+    """The split that ``cfg`` describes (deterministic for a dataset), carrying the item catalog
+    and, with ``feedback``, the users' ratings and reviews."""
     if cfg.kind == "leave-one-out":
         split = leave_one_out(ds.sequences, ds.n_items)
     elif cfg.kind == "ratio":
@@ -95,7 +96,8 @@ def make_split(ds: Dataset, cfg: SplitConfig) -> Split:
         if cfg.valid_start is None or cfg.test_start is None:
             raise ConfigError("split.kind=temporal needs split.valid_start and split.test_start (unix ms)")
         split = temporal(ds.sequences, ds.timestamps, ds.n_items, cfg.valid_start, cfg.test_start)
-    return split.with_catalog(ds.catalog())
+    split = split.with_catalog(ds.catalog())
+    return split.with_feedback(ds.feedback()) if feedback else split
 
 
 def git_commit() -> str:
@@ -134,10 +136,10 @@ def train(cfg: RunConfig, out: str | Path, overwrite: bool = False, progress: bo
     if out.exists() and not overwrite:
         raise LlmrecError(f"{out}: run directory already exists (use --force to replace it)")
     ds = Dataset.load(cfg.dataset)
-    split = make_split(ds, cfg.split)
-    seed_everything(cfg.seed)
     params = _with_seed(cfg.model.name, cfg.model.params, cfg.seed)
+    seed_everything(cfg.seed)
     model = build_model(cfg.model.name, params, ds.n_items)
+    split = make_split(ds, cfg.split, feedback=model.wants_feedback)
     t0 = time.perf_counter()
     fit_info = model.fit(split, progress=progress)
     train_seconds = time.perf_counter() - t0
@@ -194,7 +196,9 @@ def load_run(path: str | Path, dataset: str | Path | None = None) -> LoadedRun:
             f"({record['dataset']['fingerprint']})"
         )
     model = model_class(cfg.model.name).load(path / "model")
-    return LoadedRun(path, record, cfg, ds, make_split(ds, cfg.split), model)
+    split = make_split(ds, cfg.split, feedback=model.wants_feedback)
+    model.feedback = split.feedback
+    return LoadedRun(path, record, cfg, ds, split, model)
 
 
 def evaluate_run(
@@ -225,7 +229,7 @@ def recommend_for_users(run: LoadedRun, user_ids: list[str], k: int = 10) -> lis
     item_ids = run.dataset.item_ids
     idx = [run.dataset.user_index(u) for u in user_ids]
     histories = [run.dataset.sequences[i] for i in idx]
-    ids, scores = run.model.recommend(histories, k=k)
+    ids, scores = run.model.recommend(histories, k=k, users=np.asarray(idx, dtype=np.int64))
     out = []
     for u, h, row, sc in zip(user_ids, histories, ids, scores, strict=True):
         out.append({

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmrec.data.splits import Feedback
 from llmrec.errors import DataError
 
 REQUIRED_FILES = ("interactions.parquet", "items.parquet", "users.parquet", "stats.json", "manifest.json")
@@ -156,6 +157,21 @@ class Dataset:
             categories=[c or [] for c in col("categories")],
             descriptions=col("description"),
         )
+
+    def feedback(self) -> Feedback:
+        """Ratings and review texts of every interaction (read from ``interactions.parquet``)."""
+        cols = pq.read_schema(self.path / "interactions.parquet").names
+        want = [c for c in ("rating", "review") if c in cols]
+        table = pq.read_table(self.path / "interactions.parquet", columns=want) if want else None
+        bounds = np.cumsum([0] + [len(s) for s in self.sequences])
+        ratings = reviews = None
+        if table is not None and "rating" in want:
+            r = table.column("rating").to_numpy(zero_copy_only=False).astype(np.float32)
+            ratings = [r[bounds[u] : bounds[u + 1]] for u in range(self.n_users)]
+        if table is not None and "review" in want:
+            t = table.column("review").to_pylist()
+            reviews = [t[bounds[u] : bounds[u + 1]] for u in range(self.n_users)]
+        return Feedback(self.sequences, ratings, reviews)
 
     def user_index(self, user_id: str) -> int:
         """Integer id of raw user id ``user_id`` (DataError if unknown)."""

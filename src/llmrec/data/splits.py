@@ -27,6 +27,34 @@ PAD_ITEM: int = -1
 
 
 @dataclass(frozen=True)
+class Feedback:
+    """What users said about their purchases, aligned with their full chronological sequences.
+
+    ``sequences[u]``: (len_u,) int64 items of user ``u``; ``ratings[u]``: (len_u,) float32 with NaN
+    where there is none (or ``ratings`` is None); ``reviews[u]``: len_u strings or None (or
+    ``reviews`` is None). Every split here gives each user a training sequence and evaluation
+    histories that are prefixes of that user's sequence, so position ``j`` of any of them is
+    position ``j`` of ``sequences[u]``: feedback on a history never includes a target's.
+    """
+
+    sequences: list[np.ndarray]
+    ratings: list[np.ndarray] | None = None
+    reviews: list[list[str | None]] | None = None
+
+    def of(self, user: int, history: np.ndarray) -> tuple[np.ndarray | None, list[str | None] | None]:
+        """(ratings, reviews) of the items of ``history`` if it is a prefix of ``user``'s recorded
+        sequence (else ``(None, None)``: unknown users and made-up histories get no feedback)."""
+        if not 0 <= user < len(self.sequences):
+            return None, None
+        n = len(history)
+        seq = self.sequences[user]
+        if n > len(seq) or not np.array_equal(seq[:n], np.asarray(history)):
+            return None, None
+        return (None if self.ratings is None else self.ratings[user][:n],
+                None if self.reviews is None else self.reviews[user][:n])
+
+
+@dataclass(frozen=True)
 class EvalSet:
     """Users to evaluate, what the model sees, and what it must find.
 
@@ -62,7 +90,8 @@ class EvalSet:
 class Split:
     """A split of one dataset. ``train[u]`` is the training sequence of user ``u`` (may be empty).
 
-    ``catalog`` carries the item text for models that read it (None for pure id data).
+    ``catalog`` carries the item text for models that read it (None for pure id data);
+    ``feedback`` the users' ratings and reviews, for models that read them (None otherwise).
     """
 
     name: str
@@ -73,6 +102,15 @@ class Split:
     test: EvalSet
     params: dict[str, object] = field(default_factory=dict)
     catalog: Catalog | None = None
+    feedback: Feedback | None = None
+
+    def with_feedback(self, feedback: Feedback) -> Split:
+        """The same split carrying ``feedback`` (which must cover ``n_users`` users)."""
+        import dataclasses
+
+        if len(feedback.sequences) != self.n_users:
+            raise ValueError(f"feedback covers {len(feedback.sequences)} users, split has {self.n_users}")
+        return dataclasses.replace(self, feedback=feedback)
 
     def with_catalog(self, catalog: Catalog) -> Split:
         """The same split carrying ``catalog`` (which must have ``n_items`` items)."""

@@ -140,7 +140,8 @@ def evaluate_full(
     parts: list[np.ndarray] = []
     for start in starts:
         batch = evalset.histories[start : start + batch_size]
-        ids, _ = model.recommend(batch, k=k_max, exclude_seen=exclude_seen, batch_size=batch_size)
+        ids, _ = model.recommend(batch, k=k_max, exclude_seen=exclude_seen, batch_size=batch_size,
+                                 users=evalset.users[start : start + batch_size])
         parts.append(np.asarray(ids, dtype=np.int64))
     ranked = np.concatenate(parts) if parts else np.empty((0, k_max), dtype=np.int64)
     return _result("full", ranked, evalset, model.n_items, ks)
@@ -278,7 +279,7 @@ def evaluate_sampled(
         starts = tqdm(starts, desc=f"evaluate (sampled-{strategy})", unit="batch")
     for start in starts:
         batch = [np.asarray(h, dtype=np.int64) for h in evalset.histories[start : start + batch_size]]
-        scores = np.asarray(model.score(batch))
+        scores = np.asarray(model.score(batch, evalset.users[start : start + batch_size]))
         if scores.shape != (len(batch), n_items):
             raise ValueError(f"model.score returned shape {scores.shape}, expected ({len(batch)}, {n_items})")
         for j in range(len(batch)):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from llmrec.data.splits import PAD_ITEM, Split
+from llmrec.data.splits import PAD_ITEM, Feedback, Split
 
 
 def top_k(
@@ -86,6 +86,12 @@ class Recommender(ABC):
     def __init__(self, config: Any, n_items: int) -> None:
         self.config = config
         self.n_items = int(n_items)
+        self.feedback: Feedback | None = None  # ratings/reviews by user, for models that read them
+
+    @property
+    def wants_feedback(self) -> bool:
+        """True if this model reads users' ratings and reviews (``Split.feedback``, ``users=``)."""
+        return False
 
     @abstractmethod
     def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
@@ -95,17 +101,21 @@ class Recommender(ABC):
         """
 
     @abstractmethod
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, n_items) float32 scores; higher is better. Seen items are *not* masked here."""
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
+        """(n, n_items) float32 scores; higher is better. Seen items are *not* masked here.
+
+        ``users`` (n,) optional user ids of the histories; only models that read feedback use them.
+        """
 
     def recommend(
-        self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True, batch_size: int = 256
+        self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True, batch_size: int = 256,
+        users: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (ids, scores), each (n, k); history items are excluded unless told otherwise."""
         ids, scores = [], []
         for start in range(0, len(histories), batch_size):
             batch = [np.asarray(h, dtype=np.int64) for h in histories[start : start + batch_size]]
-            s = self.score(batch)
+            s = self.score(batch, None if users is None else users[start : start + batch_size])
             i, v = top_k(s, k, batch if exclude_seen else None)
             ids.append(i)
             scores.append(v)

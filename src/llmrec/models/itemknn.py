@@ -115,7 +115,7 @@ class ItemKNN(Recommender):
         self.sim = _prune_rows(sp.csr_matrix(sim, dtype=np.float32), cfg.neighbors)
         return {"nonzeros": int(self.sim.nnz)}
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32: decayed sum of the similarity rows of the recent history items."""
         cfg = self.config
         rows, cols, vals = [], [], []

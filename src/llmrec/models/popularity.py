@@ -36,7 +36,7 @@ class Popularity(Recommender):
         self.counts = np.bincount(items, minlength=self.n_items).astype(np.float32)
         return {"train_interactions": int(items.size)}
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32: the item counts, repeated for every history."""
         return np.broadcast_to(self.counts, (len(histories), self.n_items)).copy()
 

@@ -380,7 +380,7 @@ class SASRec(Recommender):
             "history": history,
         }
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32 next-item logits for each history of dataset item ids."""
         old_threads = self._set_threads()
         self.net.eval()

@@ -65,6 +65,8 @@ class ItemTokenLMConfig:
     title_tokens: int = 8  # title tokens shown after each history item token (0 = item tokens only)
     max_prompt_tokens: int = 256  # token budget; the oldest history is dropped first
     max_history: int = 50  # at most this many history items in a prompt
+    ratings: bool = True  # show each history item's rating where the dataset has one
+    review_chars: int = 100  # characters of each history item's review shown (0 = none)
     init_title_tokens: int = 32  # title tokens averaged to initialize an item's embedding
     head_init_scale: float = 0.1  # output rows start as scale * (title row - mean title row): calm first logits
     # targets
@@ -104,7 +106,7 @@ class ItemTokenLMConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "title_tokens", "examples_per_user", "max_steps", "valid_users", "num_threads", "warmup_steps"):
+        for name in ("n_layers", "title_tokens", "review_chars", "examples_per_user", "max_steps", "valid_users", "num_threads", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_history", "init_title_tokens", "next_k", "lora_r", "batch_size",
@@ -283,7 +285,18 @@ class ItemTokenLM(Recommender):
         self.net.eval()
         self.tokenizer = tok
         self.prompts = PromptBuilder(tok, n_base, self.titles, cfg.template, cfg.instruction, cfg.title_tokens,
-                                     cfg.max_prompt_tokens, cfg.max_history)
+                                     cfg.max_prompt_tokens, cfg.max_history, cfg.review_chars)
+
+    @property
+    def wants_feedback(self) -> bool:
+        return self.config.ratings or self.config.review_chars > 0
+
+    def _feedback_of(self, user: int | None, history: np.ndarray) -> tuple[Any, Any]:
+        """(ratings, reviews) shown for ``history`` of ``user`` (None where the model or data has none)."""
+        if user is None or self.feedback is None:
+            return None, None
+        ratings, reviews = self.feedback.of(user, history)
+        return (ratings if self.config.ratings else None), (reviews if self.config.review_chars > 0 else None)
 
     def _require_net(self) -> ItemTokenNet:
         if self.net is None:
@@ -324,8 +337,9 @@ class ItemTokenLM(Recommender):
         rng = np.random.default_rng([cfg.seed, epoch])
         k = cfg.next_k if cfg.target == "next-k" else 1
         examples = []
-        for seq in train:
+        for user, seq in enumerate(train):
             seq = np.asarray(seq, dtype=np.int64)
+            ratings, reviews = self._feedback_of(user, seq)
             n = len(seq)
             if n < 2:
                 continue
@@ -340,7 +354,9 @@ class ItemTokenLM(Recommender):
                 answer = pad_targets(seq[t : t + k], k, cfg.padding, pad_id=self.end_row)
                 if len(answer) == 0:
                     continue
-                prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1)
+                prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1,
+                                            ratings=None if ratings is None else ratings[:t],
+                                            reviews=None if reviews is None else reviews[:t])
                 examples.append(training_example(prompt, answer, self.prompts.n_base, dense=cfg.dense))
         return examples
 
@@ -380,7 +396,7 @@ class ItemTokenLM(Recommender):
         return loss
 
     def _validate(self, evalset: Any) -> float:
-        scores = self.score(evalset.histories)
+        scores = self.score(evalset.histories, evalset.users)
         ids, _ = top_k(scores, 10, evalset.histories)
         return float(np.nanmean(ranking_metrics(ids, evalset.targets, [10], ["ndcg"])["ndcg@10"]))
 
@@ -399,6 +415,7 @@ class ItemTokenLM(Recommender):
         if split.n_items != self.n_items:
             raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
         titles = split.catalog.titles if split.catalog is not None else [f"item {i}" for i in range(self.n_items)]
+        self.feedback = split.feedback if self.wants_feedback else None
         old_threads = self._set_threads()
         start = time.perf_counter()
         try:
@@ -534,21 +551,24 @@ class ItemTokenLM(Recommender):
         }
 
     # --- inference ----------------------------------------------------------------------
-    def prompt_ids(self, history: np.ndarray) -> np.ndarray:
-        """(L,) token ids of the prompt for one history (the answer starts after it)."""
+    def prompt_ids(self, history: np.ndarray, user: int | None = None) -> np.ndarray:
+        """(L,) token ids of the prompt for one history (the answer starts after it); with ``user``
+        the user's ratings and reviews of the history items are shown where known."""
         assert self.prompts is not None
-        return self.prompts.build(np.asarray(history, dtype=np.int64)).ids
+        history = np.asarray(history, dtype=np.int64)
+        ratings, reviews = self._feedback_of(user, history)
+        return self.prompts.build(history, ratings=ratings, reviews=reviews).ids
 
-    def render(self, history: np.ndarray) -> str:
+    def render(self, history: np.ndarray, user: int | None = None) -> str:
         """The prompt for ``history`` as text (item tokens shown as ``<|item_i|>``)."""
-        return str(self.tokenizer.decode(self.prompt_ids(history)))
+        return str(self.tokenizer.decode(self.prompt_ids(history, user)))
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32: item-row logits at the answer position, one forward pass per batch."""
         net = self._require_net()
         old_threads = self._set_threads()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
-        prompts = [self.prompt_ids(h) for h in histories]
+        prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         bs = self.config.eval_batch_size
         try:
@@ -566,7 +586,7 @@ class ItemTokenLM(Recommender):
 
     def generate_lists(
         self, histories: Sequence[np.ndarray], k: int = 10, mode: Literal["beam", "greedy", "fast"] = "beam",
-        exclude_seen: bool = True,
+        exclude_seen: bool = True, users: np.ndarray | None = None,
     ) -> np.ndarray:
         """(n, k) int64 generated item lists.
 
@@ -577,7 +597,7 @@ class ItemTokenLM(Recommender):
         from llmrec.models.llm.decoding import constrained_beam_search, greedy_generate, single_token_trie
 
         if mode == "fast":
-            return self.recommend(histories, k=k, exclude_seen=exclude_seen)[0]
+            return self.recommend(histories, k=k, exclude_seen=exclude_seen, users=users)[0]
         net = self._require_net()
         old_threads = self._set_threads()
         out = np.empty((len(histories), k), dtype=np.int64)
@@ -587,7 +607,7 @@ class ItemTokenLM(Recommender):
         try:
             with autocast(self.config.amp, self.device):
                 for i, h in enumerate(histories):
-                    ids = self.prompt_ids(h)
+                    ids = self.prompt_ids(h, None if users is None else int(users[i]))
                     if mode == "beam":
                         banned = np.asarray(h, dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
                         out[i], _ = constrained_beam_search(net, ids, trie, k, self.config.beam_size, banned)

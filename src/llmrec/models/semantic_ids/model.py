@@ -381,7 +381,7 @@ class SemanticIDRec(Recommender):
         if self.net is None or self.codes is None:
             raise RuntimeError("semantic-id: model is not fitted")
 
-    def score(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32 exact log-probability of each item's code tuple (full ranking)."""
         self._check_fitted()
         assert self.net is not None
@@ -409,11 +409,11 @@ class SemanticIDRec(Recommender):
         return out
 
     def recommend(self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True,
-                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                  batch_size: int = 256, users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (ids, log-probs): constrained beam search (``recommend_mode="beam"``) or the
         exact full ranking of :meth:`score` (``"exact"``). Missing slots are -1 / -inf."""
         if self.config.recommend_mode == "exact":
-            return super().recommend(histories, k, exclude_seen, batch_size)
+            return super().recommend(histories, k, exclude_seen, batch_size, users)
         self._check_fitted()
         assert self.net is not None and self.trie is not None
         if k < 1:
