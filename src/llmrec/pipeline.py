@@ -10,7 +10,15 @@ from llmrec.config import from_dict
 from llmrec.data.dataset import Dataset
 from llmrec.data.prepare import PrepareConfig, prepare_dataset
 from llmrec.eval.report import format_table
-from llmrec.runs import EvalConfig, ModelSection, RunConfig, evaluate_run, load_run, recommend_for_users, train
+from llmrec.runs import (
+    EvalConfig,
+    ModelSection,
+    RunConfig,
+    evaluate_run,
+    load_run,
+    recommend_for_users,
+    train,
+)
 
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
     "popularity": {},
