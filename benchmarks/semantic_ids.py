@@ -68,11 +68,14 @@ def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdi
     }
 
 
-def llm_throughput(n: int, batch_size: int) -> dict[str, object]:
+def llm_throughput(n: int, batch_size: int, threads: int) -> dict[str, object]:
     """SmolLM2 interest extraction on ``n`` Office test histories (no cache): items/s, tokens/s."""
     import numpy as np
 
+    import torch
+
     from llmrec.data.dataset import Dataset
+    from llmrec.models.amp import use_bf16
     from llmrec.models.semantic_ids.interests import CausalLMInterestExtractor, ItemText
     from llmrec.pipeline import ensure_dataset
 
@@ -83,7 +86,7 @@ def llm_throughput(n: int, batch_size: int) -> dict[str, object]:
     users = rng.choice(ds.n_users, n, replace=False)
     hists = [[ItemText(cat.titles[i], tuple(cat.categories[i] or ()), cat.brands[i]) for i in ds.sequences[u][:-1]]
              for u in users]
-    ex = CausalLMInterestExtractor(batch_size=batch_size, num_threads=2)
+    ex = CausalLMInterestExtractor(batch_size=batch_size, num_threads=threads)
     t0 = time.perf_counter()
     ex._load()
     load_s = time.perf_counter() - t0
@@ -94,7 +97,8 @@ def llm_throughput(n: int, batch_size: int) -> dict[str, object]:
             "new_tokens_per_s": st["new_tokens"] / st["seconds"], "mean_new_tokens": st["new_tokens"] / st["histories"],
             "mean_prompt_tokens": st["prompt_tokens"] / st["histories"],
             "total_tokens_per_s": (st["new_tokens"] + st["prompt_tokens"]) / st["seconds"],
-            "max_items": ex.max_items, "load_avg_at_end": os.getloadavg(),
+            "max_items": ex.max_items, "load_avg_at_end": os.getloadavg(), "threads": threads,
+            "amp": ex.amp, "bf16": bool(use_bf16(ex.amp, torch.device("cpu"))),
             "office_users": ds.n_users,
             "est_hours_all_office_test_histories": ds.n_users / (st["histories"] / st["seconds"]) / 3600,
             "examples": [{"history_tail": [h.title for h in hs[-3:]], "interests": o}
@@ -172,8 +176,9 @@ def markdown(data: dict[str, object]) -> str:
     tp = data.get("llm_throughput")
     if tp:
         lines += ["", "## LLM interest extractor throughput", "",
-                  (f"{tp['model']} on {tp['histories']} Office test histories, batch {tp['batch_size']}, 2 CPU "
-                  f"threads: {tp['histories_per_s']:.2f} histories/s, {tp['new_tokens_per_s']:.1f} generated "
+                  (f"{tp['model']} on {tp['histories']} Office test histories, batch {tp['batch_size']}, "
+                  f"{tp.get('threads', 2)} CPU thread(s), bf16 autocast {'on' if tp.get('bf16') else 'off'}: "
+                  f"{tp['histories_per_s']:.2f} histories/s, {tp['new_tokens_per_s']:.1f} generated "
                   f"tokens/s ({tp['mean_new_tokens']:.1f} tokens per history after a prompt of "
                   f"{tp.get('mean_prompt_tokens', float('nan')):.0f} tokens; model load {tp['load_seconds']:.0f} s). "
                   f"All {tp['office_users']} Office test histories would take about "
@@ -210,7 +215,7 @@ def main() -> None:
         print(markdown(data))
         return
     if args.llm_throughput:
-        data["llm_throughput"] = llm_throughput(args.llm_throughput, 8)
+        data["llm_throughput"] = llm_throughput(args.llm_throughput, 32, 1)
         save_results(data)
         print(json.dumps(data["llm_throughput"], indent=2))
         return

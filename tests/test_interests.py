@@ -45,7 +45,8 @@ def test_prompt_reads_recent_items_only() -> None:
     msgs = build_messages(HIST, max_items=2)
     user = msgs[-1]["content"]
     assert "Moleskine" in user and "Refills" in user and "12 Pack" not in user
-    assert "up to 5 short phrases" in user
+    assert "Up to 5 interests?" in user
+    assert msgs[2]["role"] == "assistant" and ";" in msgs[2]["content"]  # the worked example
 
 
 def test_keyword_extractor() -> None:

@@ -83,9 +83,9 @@ class SemanticIDConfig:
     interest_items: int = 10  # most recent history items the extractor reads
     interest_stride: int = 1  # training prefixes get interests of length floor(p / stride) * stride
     llm_model: str = SMOLLM2
-    llm_batch_size: int = 8
-    llm_items: int = 5  # the LLM reads at most this many recent items (prompt length drives its cost)
-    llm_max_new_tokens: int = 32
+    llm_batch_size: int = 32
+    llm_items: int = 3  # the LLM reads at most this many recent items (prompt length drives its cost)
+    llm_max_new_tokens: int = 20
     openai_url: str = ""
     openai_model: str = ""
     openai_api_key_env: str = "OPENAI_API_KEY"
