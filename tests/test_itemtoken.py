@@ -364,3 +364,14 @@ def test_ratings_and_reviews_of_history_items_only_reach_prompts(split: Split) -
     with_fb = model.score([hist], users=np.array([u]))
     without = model.score([hist])
     assert not np.allclose(with_fb, without)
+
+
+def test_eager_attention_and_bf16_backbone_match_the_default(split: Split) -> None:
+    hist = split.test.histories[:6]
+    ref = built()
+    eager = built(attn="eager")
+    np.testing.assert_allclose(eager.score(hist), ref.score(hist), rtol=1e-4, atol=1e-4)
+    half = built(dtype="bfloat16")
+    assert all(p.dtype == torch.float32 for p in half.trainable_state().values())  # adapters and item rows
+    assert half.net.lm.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16  # type: ignore[union-attr]
+    np.testing.assert_allclose(half.score(hist), ref.score(hist), atol=0.1 * float(np.abs(ref.score(hist)).max()))

@@ -140,9 +140,13 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> PreTrainedModel:
 
 
 def load_backbone(
-    name: str = DEFAULT_BACKBONE, dtype: str = "float32", progress: bool = False
+    name: str = DEFAULT_BACKBONE, dtype: str = "float32", progress: bool = False, attn: str = "sdpa"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) for ``name`` (see the module docstring), in eval mode, on the CPU."""
+    """(model, tokenizer) for ``name`` (see the module docstring), in eval mode, on the CPU.
+
+    ``attn``: the attention implementation (``"sdpa"`` or ``"eager"``; for the short prompts of
+    the item-token LM on a CPU, eager attention trains about 1.3x faster).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,12 +154,13 @@ def load_backbone(
     if name == TINY_BACKBONE:
         tok = tiny_tokenizer()
         model = tiny_llama(len(tok))
+        model.config._attn_implementation = attn
         return model.to(torch_dtype).eval(), tok
     if name == DEFAULT_BACKBONE:
         folder: str | Path = smollm2_folder(progress=progress)
     else:
         folder = Path(name).expanduser() if Path(name).expanduser().is_dir() else name
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:  # gpt2 and others ship without one; padding is masked anyway

@@ -56,7 +56,10 @@ class ItemTokenLMConfig:
     """Hyper-parameters of :class:`ItemTokenLM`."""
 
     backbone: str = DEFAULT_BACKBONE  # "smollm2-135m-instruct" (offline), a local folder, or a hub id
+    # backbone weights; "bfloat16" halves memory and saves autocast's casts of the frozen weights
+    # (LoRA adapters and item rows stay float32)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn: Literal["sdpa", "eager"] = "sdpa"  # attention implementation of the backbone
     amp: Amp = "auto"  # bfloat16 autocast (weights stay float32): "auto" = where the CPU/GPU runs bf16 fast
     n_layers: int = 0  # keep only the first n transformer blocks of the backbone (0 = all): a CPU budget knob
     # prompt
@@ -236,7 +239,7 @@ class ItemTokenLM(Recommender):
         if len(titles) != self.n_items:
             raise ValueError(f"{len(titles)} titles for {self.n_items} items")
         self.titles = list(titles)
-        lm, tok = load_backbone(cfg.backbone, dtype=cfg.dtype)
+        lm, tok = load_backbone(cfg.backbone, dtype=cfg.dtype, attn=cfg.attn)
         if cfg.n_layers:
             truncate_layers(lm, cfg.n_layers)
         n_base = lm.get_input_embeddings().weight.shape[0]
@@ -280,8 +283,8 @@ class ItemTokenLM(Recommender):
             frozen = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
             for p in lm.parameters():
                 p.requires_grad_(id(p) not in frozen)
-        dtype = lm.get_input_embeddings().weight.dtype
-        self.net = ItemTokenNet(lm, n_base, item_emb.to(dtype), item_head.to(dtype)).to(self.device)
+        # the new item rows always train in float32, whatever dtype the (frozen) backbone has
+        self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float()).to(self.device)
         self.net.eval()
         self.tokenizer = tok
         self.prompts = PromptBuilder(tok, n_base, self.titles, cfg.template, cfg.instruction, cfg.title_tokens,
