@@ -171,6 +171,16 @@ def office(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
 
 
 @needs_office
+def test_sequence_format_has_no_feedback(office):
+    from llmrec.data.dataset import Dataset
+
+    out, _ = office
+    ds = Dataset.load(out)
+    fb = ds.feedback()
+    assert fb.ratings is None and fb.reviews is None
+    assert fb.of(0, ds.sequences[0][:1]) == (None, None)
+
+@needs_office
 def test_sequences_office_counts_and_stats(office):
     out, manifest = office
     assert manifest["format"] == "sequences"
