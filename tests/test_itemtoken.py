@@ -375,3 +375,22 @@ def test_eager_attention_and_bf16_backbone_match_the_default(split: Split) -> No
     assert all(p.dtype == torch.float32 for p in half.trainable_state().values())  # adapters and item rows
     assert half.net.lm.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16  # type: ignore[union-attr]
     np.testing.assert_allclose(half.score(hist), ref.score(hist), atol=0.1 * float(np.abs(ref.score(hist)).max()))
+
+
+def test_batched_beam_search_equals_one_user_at_a_time(trained: ItemTokenLM, split: Split) -> None:
+    from llmrec.models.llm.decoding import constrained_beam_search_batch
+
+    net = trained.net
+    trie = single_token_trie(N_ITEMS, net.n_base)  # type: ignore[union-attr]
+    hists = [np.asarray(h) for h in split.test.histories[:7]] + [np.arange(N_ITEMS - 3)]  # last: only 3 allowed
+    prompts = [trained.prompt_ids(h) for h in hists]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: left padding is exercised
+    items, lps = constrained_beam_search_batch(net, prompts, trie, 5, 3, hists)
+    for u, (p, h) in enumerate(zip(prompts, hists, strict=True)):
+        one, one_lp = constrained_beam_search(net, p, trie, 5, 3, h)
+        np.testing.assert_array_equal(items[u], one)
+        np.testing.assert_allclose(lps[u], one_lp, rtol=1e-4, atol=1e-4)
+    assert (items[-1, 3:] == -1).all() and set(items[-1, :3]) == {N_ITEMS - 3, N_ITEMS - 2, N_ITEMS - 1}
+    np.testing.assert_array_equal(trained.generate_lists(hists, k=5, mode="beam"),
+                                  np.stack([constrained_beam_search(net, p, trie, 5, trained.config.beam_size, h)[0]
+                                            for p, h in zip(prompts, hists, strict=True)]))

@@ -3,7 +3,8 @@
 Both decoders take a network with the small interface of
 :class:`llmrec.models.llm.itemtoken.ItemTokenNet`:
 
-- ``net.hidden(ids (B, L), past_key_values=None, use_cache=False) -> (hidden (B, L, H), cache)``
+- ``net.hidden(ids (B, L), past_key_values=None, use_cache=False, attention_mask=None,
+  position_ids=None) -> (hidden (B, L, H), cache)``
 - ``net.item_logits(h (..., H)) -> (..., R)`` over the item rows (row ``r`` is token ``n_base + r``)
 - ``net.full_logits(h (..., H)) -> (..., n_base + R)`` over the whole vocabulary
 - ``net.n_base``: vocabulary size of the backbone.
@@ -96,61 +97,90 @@ def _allowed_rows(trie: ItemTrie, n_base: int, n_rows: int, banned: np.ndarray) 
     return allowed
 
 
-@torch.inference_mode()
 def constrained_beam_search(
     net: Any, prompt_ids: np.ndarray, trie: ItemTrie, k: int = 10, beam_size: int = 4, banned: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Generate ``k`` distinct valid items after ``prompt_ids`` (L,) by beam search.
+    """One user's :func:`constrained_beam_search_batch`: ``(items (k,), step log-probs (k,))``."""
+    items, lps = constrained_beam_search_batch(net, [prompt_ids], trie, k, beam_size,
+                                               None if banned is None else [banned])
+    return items[0], lps[0]
 
-    Each step scores the item rows (a softmax over the items the trie allows), masks ``banned``
-    items and the items already in the beam, and keeps the ``beam_size`` best partial lists by
-    summed log-probability. Returns ``(items (k,), step log-probs (k,))`` of the best beam; when
-    fewer than ``k`` items are allowed the rest is ``PAD_ITEM`` / ``-inf``.
+
+@torch.inference_mode()
+def constrained_beam_search_batch(
+    net: Any, prompts: Sequence[np.ndarray], trie: ItemTrie, k: int = 10, beam_size: int = 4,
+    banned: Sequence[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate ``k`` distinct valid items after each prompt (n prompts of token ids) by beam search.
+
+    Prompts are left-padded into one batch (attention mask and position ids keep them exact).
+    Each step scores the item rows (a softmax over the items the trie allows), masks the user's
+    ``banned`` items and the items already in the beam, and keeps each user's ``beam_size`` best
+    partial lists by summed log-probability. Returns ``(items (n, k), step log-probs (n, k))`` of
+    each user's best beam; where fewer than ``k`` items are allowed the rest is ``PAD_ITEM`` / ``-inf``.
     """
+    n, B = len(prompts), beam_size
     n_rows = int(net.item_head.shape[0])
-    allowed = _allowed_rows(trie, net.n_base, n_rows, np.empty(0) if banned is None else banned)  # (R,)
-    k_eff = min(k, int(allowed.sum()))
-    items = np.full(k, PAD_ITEM, dtype=np.int64)
-    step_lp = np.full(k, -np.inf, dtype=np.float32)
-    if k_eff == 0:
+    items = np.full((n, k), PAD_ITEM, dtype=np.int64)
+    step_lp = np.full((n, k), -np.inf, dtype=np.float32)
+    if n == 0:
         return items, step_lp
-    ids = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))[None]  # (1, L)
-    h, cache = net.hidden(ids, use_cache=True)  # (1, L, H)
-    B = beam_size
+    none = np.empty(0, np.int64)
+    allowed = torch.stack([_allowed_rows(trie, net.n_base, n_rows, none if banned is None else banned[u])
+                           for u in range(n)])  # (n, R)
+    k_user = torch.clamp(allowed.sum(1), max=k)  # (n,)
+    steps = int(k_user.max())
+    if steps == 0:
+        return items, step_lp
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    for u, p in enumerate(prompts):  # left padding: the last position is every prompt's last token
+        ids[u, width - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        attn[u, width - len(p):] = 1
+    pos = (attn.cumsum(1) - 1).clamp(min=0)  # (n, width)
+    h, cache = net.hidden(ids, use_cache=True, attention_mask=attn, position_ids=pos)  # (n, width, H)
     cache.batch_repeat_interleave(B)
-    last = h[:, -1].expand(B, -1)  # (B, H)
-    beam_scores = torch.full((B,), -torch.inf)
-    beam_scores[0] = 0.0  # all beams start identical: expand from the first only
-    seqs = torch.empty((B, 0), dtype=torch.long)  # (B, t) item rows so far
-    lps = torch.empty((B, 0))
-    for step in range(k_eff):
-        logits = net.item_logits(last).float()  # (B, R)
-        mask = allowed.expand(B, -1).clone()  # (B, R)
+    attn = attn.repeat_interleave(B, dim=0)  # (n*B, width)
+    next_pos = pos[:, -1:].repeat_interleave(B, dim=0) + 1  # (n*B, 1)
+    last = h[:, -1].repeat_interleave(B, dim=0)  # (n*B, H)
+    beam_scores = torch.full((n, B), -torch.inf)
+    beam_scores[:, 0] = 0.0  # all beams start identical: expand from the first only
+    seqs = torch.empty((n, B, 0), dtype=torch.long)  # item rows so far
+    lps = torch.empty((n, B, 0))
+    user = torch.arange(n)[:, None]  # (n, 1)
+    for step in range(steps):
+        logits = net.item_logits(last).float().view(n, B, n_rows)  # (n, B, R)
+        mask = allowed[:, None, :].expand(n, B, n_rows).clone()  # (n, B, R)
         if step:
-            mask.scatter_(1, seqs, False)  # no repeats inside a beam
-        logits = logits.masked_fill(~mask, -torch.inf)
-        logp = torch.log_softmax(logits, dim=-1)  # (B, R)
-        cand = (beam_scores[:, None] + logp).view(-1)  # (B * R,)
-        top = torch.topk(cand, B)
-        beam_idx = torch.div(top.indices, n_rows, rounding_mode="floor")  # (B,)
-        rows = top.indices % n_rows  # (B,)
-        finite = torch.isfinite(top.values)
-        if not finite.all():  # fewer live candidates than beams: duplicate the best live one
-            best = int(torch.argmax(top.values))
-            beam_idx = torch.where(finite, beam_idx, beam_idx[best])
-            rows = torch.where(finite, rows, rows[best])
-        step_logp = logp[beam_idx, rows]
+            mask.scatter_(2, seqs, False)  # no repeats inside a beam
+        logp = torch.log_softmax(logits.masked_fill(~mask, -torch.inf), dim=-1)  # (n, B, R)
+        cand = (beam_scores[:, :, None] + logp).view(n, B * n_rows)  # (n, B*R)
+        top = torch.topk(cand, B, dim=1)  # (n, B)
+        beam_idx = torch.div(top.indices, n_rows, rounding_mode="floor")  # (n, B)
+        rows = top.indices % n_rows  # (n, B)
+        finite = torch.isfinite(top.values)  # (n, B)
+        best = top.values.argmax(1, keepdim=True)  # (n, 1): fewer live candidates than beams -> copy the best
+        beam_idx = torch.where(finite, beam_idx, beam_idx.gather(1, best))
+        rows = torch.where(finite, rows, rows.gather(1, best))
+        step_logp = logp[user, beam_idx, rows]  # (n, B)
         beam_scores = torch.where(finite, top.values, -torch.inf)
-        seqs = torch.cat([seqs[beam_idx], rows[:, None]], dim=1)  # (B, t+1)
-        lps = torch.cat([lps[beam_idx], step_logp[:, None]], dim=1)
-        if step + 1 == k_eff:
+        seqs = torch.cat([seqs[user, beam_idx], rows[:, :, None]], dim=2)  # (n, B, t+1)
+        lps = torch.cat([lps[user, beam_idx], step_logp[:, :, None]], dim=2)
+        for u in torch.nonzero(k_user == step + 1).flatten().tolist():  # this user's list is complete
+            w = int(beam_scores[u].argmax())
+            items[u, : step + 1] = seqs[u, w].numpy()
+            step_lp[u, : step + 1] = lps[u, w].numpy()
+        if step + 1 == steps:
             break
-        cache.reorder_cache(beam_idx)
-        h, cache = net.hidden((net.n_base + rows)[:, None], past_key_values=cache, use_cache=True)  # (B, 1, H)
+        flat = (user * B + beam_idx).view(-1)  # (n*B,) rows of the cache to keep
+        cache.reorder_cache(flat)
+        attn = torch.cat([attn[flat], torch.ones((n * B, 1), dtype=attn.dtype)], dim=1)
+        next_pos = next_pos[flat]
+        h, cache = net.hidden((net.n_base + rows).view(-1, 1), past_key_values=cache, use_cache=True,
+                              attention_mask=attn, position_ids=next_pos)  # (n*B, 1, H)
+        next_pos = next_pos + 1
         last = h[:, -1]
-    best = int(torch.argmax(beam_scores))
-    items[:k_eff] = seqs[best].numpy()
-    step_lp[:k_eff] = lps[best].numpy()
     return items, step_lp
 
 

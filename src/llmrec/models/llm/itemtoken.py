@@ -157,10 +157,16 @@ class ItemTokenNet(nn.Module):
         return torch.where(is_item[..., None], items.to(base.dtype), base)
 
     def hidden(
-        self, ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = False
+        self, ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = False,
+        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Final hidden states (B, L, H) of right-padded (or unpadded) ``ids`` (B, L), and the cache."""
-        out = self._decoder(inputs_embeds=self.embed(ids), past_key_values=past_key_values, use_cache=use_cache)
+        """Final hidden states (B, L, H) of ``ids`` (B, L), and the cache.
+
+        Right-padded (or unpadded) ``ids`` need no mask (attention is causal); left-padded ones
+        (batched generation) pass ``attention_mask`` (B, L_past + L) and ``position_ids`` (B, L).
+        """
+        out = self._decoder(inputs_embeds=self.embed(ids), past_key_values=past_key_values, use_cache=use_cache,
+                            attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state, out.past_key_values if use_cache else None
 
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -597,7 +603,11 @@ class ItemTokenLM(Recommender):
         ``greedy``: unconstrained greedy generation over the whole vocabulary (invalid ids are
         ``>= n_items``, repeats possible); ``fast``: top-``k`` of :meth:`score`.
         """
-        from llmrec.models.llm.decoding import constrained_beam_search, greedy_generate, single_token_trie
+        from llmrec.models.llm.decoding import (
+            constrained_beam_search_batch,
+            greedy_generate,
+            single_token_trie,
+        )
 
         if mode == "fast":
             return self.recommend(histories, k=k, exclude_seen=exclude_seen, users=users)[0]
@@ -607,14 +617,20 @@ class ItemTokenLM(Recommender):
         trie = single_token_trie(self.n_items, net.n_base)
         if mode not in ("beam", "greedy"):
             raise ValueError(f"unknown decoding mode {mode!r}")
+        prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
         try:
             with autocast(self.config.amp, self.device):
-                for i, h in enumerate(histories):
-                    ids = self.prompt_ids(h, None if users is None else int(users[i]))
-                    if mode == "beam":
-                        banned = np.asarray(h, dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
-                        out[i], _ = constrained_beam_search(net, ids, trie, k, self.config.beam_size, banned)
-                    else:
+                if mode == "beam":  # batched: users of similar prompt length share a batch
+                    order = np.argsort([len(p) for p in prompts], kind="stable")
+                    bs = self.config.eval_batch_size
+                    for s in range(0, len(order), bs):
+                        rows = order[s : s + bs]
+                        banned = [np.asarray(histories[i], dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
+                                  for i in rows]
+                        out[rows], _ = constrained_beam_search_batch(net, [prompts[i] for i in rows], trie, k,
+                                                                     self.config.beam_size, banned)
+                else:
+                    for i, ids in enumerate(prompts):
                         out[i] = greedy_generate(net, ids, self.n_items, k)
         finally:
             torch.set_num_threads(old_threads)
