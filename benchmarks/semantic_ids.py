@@ -71,7 +71,6 @@ def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdi
 def llm_throughput(n: int, batch_size: int, threads: int) -> dict[str, object]:
     """SmolLM2 interest extraction on ``n`` Office test histories (no cache): items/s, tokens/s."""
     import numpy as np
-
     import torch
 
     from llmrec.data.dataset import Dataset

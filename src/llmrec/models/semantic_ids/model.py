@@ -270,6 +270,10 @@ class SemanticIDRec(Recommender):
         valid = split.valid
         if c.valid_users and len(valid) > c.valid_users:
             valid = valid.subset(np.sort(rng.choice(len(valid), c.valid_users, replace=False)))
+        if c.use_interests and isinstance(self.extractor, CachedExtractor) and len(valid):
+            t0 = time.perf_counter()  # LLM interests of the validation histories, ahead of the clock
+            self.interests_of(valid.histories, progress=progress)
+            interest_s += time.perf_counter() - t0
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         gen_start = time.perf_counter()
         deadline = gen_start + 60.0 * c.max_minutes  # the generator's budget (embedding and RQ-VAE excluded)
