@@ -87,18 +87,27 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_latency: int) -> dict[str, Any]:
+def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_latency: int,
+             from_saved: bool = False) -> dict[str, Any]:
     from llmrec.data.splits import leave_one_out
     from llmrec.eval.protocol import evaluate_full, evaluate_lists
     from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig
 
     split = leave_one_out(ds.sequences, ds.n_items).with_catalog(ds.catalog())
-    cfg = ItemTokenLMConfig(**{**params, "checkpoint_dir": str(workdir / "ckpt-loo")})
-    model = ItemTokenLM(cfg, ds.n_items)
-    t0 = time.perf_counter()
-    fit = model.fit(split, progress=True)
-    train_s = time.perf_counter() - t0
-    model.save(workdir / "itemtoken-loo")
+    saved, fit_file = workdir / "itemtoken-loo", workdir / "itemtoken-loo-fit.json"
+    if from_saved:  # evaluate the model a previous run trained and saved (its fit record beside it)
+        model = ItemTokenLM.load(saved)
+        cfg = model.config
+        record = json.loads(fit_file.read_text())
+        fit, train_s = record["fit"], record["train_seconds"]
+    else:
+        cfg = ItemTokenLMConfig(**{**params, "checkpoint_dir": str(workdir / "ckpt-loo")})
+        model = ItemTokenLM(cfg, ds.n_items)
+        t0 = time.perf_counter()
+        fit = model.fit(split, progress=True)
+        train_s = time.perf_counter() - t0
+        model.save(saved)
+        fit_file.write_text(json.dumps({"fit": fit, "train_seconds": train_s, "peak_rss_mb": rss_mb()}, default=float))
     print(f"fit: {json.dumps({k: v for k, v in fit.items() if k != 'history'})}", flush=True)
 
     t0 = time.perf_counter()
@@ -131,7 +140,8 @@ def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_laten
         "backbone": cfg.backbone + (f" (first {cfg.n_layers} blocks)" if cfg.n_layers else ""),
         "test_users": test.n_users, "test": test.overall, "valid_ndcg@10_sample": fit["best_valid_ndcg@10"],
         "fit": fit, "train_seconds": train_s, "eval_seconds": eval_s, "latency_per_user": lat,
-        "generated_lists": {"users": len(sub), "k": 10, **lists}, "peak_rss_mb": rss_mb(), "hardware": HARDWARE,
+        "generated_lists": {"users": len(sub), "k": 10, **lists},
+        "peak_rss_mb": max(rss_mb(), json.loads(fit_file.read_text()).get("peak_rss_mb", 0.0)), "hardware": HARDWARE,
         "params": {k: v for k, v in cfg.__dict__.items()},
     }
 
@@ -261,6 +271,8 @@ def main() -> None:
     ap.add_argument("--next10", nargs="*", default=[], help="ItemTokenLM config overrides for part 2 (key=value)")
     ap.add_argument("--skip-loo", action="store_true")
     ap.add_argument("--skip-next10", action="store_true")
+    ap.add_argument("--loo-from-saved", action="store_true",
+                    help="evaluate the leave-one-out model saved by an earlier run instead of training")
     ap.add_argument("--gen-users", type=int, default=200, help="test users for beam / greedy lists")
     ap.add_argument("--latency-users", type=int, default=60)
     ap.add_argument("--smoke", action="store_true", help="tiny random backbone, results not written to results/")
@@ -284,7 +296,8 @@ def main() -> None:
         gen_users = 20 if args.smoke else args.gen_users
         if not args.skip_loo:
             params = {**LOO_PARAMS, **smoke, **parse_overrides(args.lm)}
-            result["loo"] = part_loo(ds, params, workdir, gen_users, 10 if args.smoke else args.latency_users)
+            result["loo"] = part_loo(ds, params, workdir, gen_users, 10 if args.smoke else args.latency_users,
+                                     from_saved=args.loo_from_saved)
             json_path.write_text(json.dumps(result, indent=2, default=float))
         if not args.skip_next10:
             params = {**NEXT10_PARAMS, **smoke, **parse_overrides(args.next10)}
