@@ -214,7 +214,9 @@ def main() -> None:
         print(markdown(data))
         return
     if args.llm_throughput:
-        data["llm_throughput"] = llm_throughput(args.llm_throughput, 32, 1)
+        tp = llm_throughput(args.llm_throughput, 32, 1)
+        data = load_results()  # re-read: other runs may have added rows meanwhile
+        data["llm_throughput"] = tp
         save_results(data)
         print(json.dumps(data["llm_throughput"], indent=2))
         return
