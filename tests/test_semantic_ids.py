@@ -255,3 +255,13 @@ def test_cli_train_evaluate_recommend(tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["overall"]["ndcg@10"] > 0.5
     assert main(["recommend", str(run), "--user", "u0", "-k", "3", "--json"]) == 0
+
+
+def test_early_stopping_waits_for_min_epochs() -> None:
+    from llmrec.models.registry import build_model
+
+    split = cycle_split()
+    info = build_model("semantic-id", {**TINY, "use_interests": False, "patience": 1, "min_epochs": 4, "eval_every": 1,
+                                       "max_epochs": 30, "lr": 0.0}, 20).fit(split, progress=False)
+    # lr 0: validation never improves after the first epoch, so patience alone would stop at epoch 2
+    assert info["stopped"] == "patience" and info["epochs"] == 4

@@ -73,6 +73,7 @@ class SemanticIDConfig:
     max_epochs: int = 200
     eval_every: int = 1
     patience: int = 5
+    min_epochs: int = 10  # early stopping may not stop training before this epoch (noisy first epochs)
     max_minutes: float = 20.0  # wall-clock budget of the generator's training (validation included)
     valid_users: int = 1000  # validation users for early stopping (0 = all)
     beam_size: int = 20  # beams kept (at least k)
@@ -99,7 +100,7 @@ class SemanticIDConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("rq_levels", "rq_codebook_size", "rq_latent_dim", "rq_hidden", "rq_steps", "d_model",
                      "n_heads", "enc_layers", "dec_layers", "ff_size", "max_len", "batch_size", "max_epochs",
-                     "eval_every", "patience", "beam_size", "n_interests", "interest_items", "interest_stride",
+                     "eval_every", "patience", "min_epochs", "beam_size", "n_interests", "interest_items", "interest_stride",
                      "llm_batch_size", "llm_items", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -327,7 +328,7 @@ class SemanticIDRec(Recommender):
                     if out_of_time or time.perf_counter() > deadline:
                         stopped = "max_minutes"
                         break
-                    if len(valid) and bad >= c.patience:
+                    if len(valid) and bad >= c.patience and epoch >= c.min_epochs:
                         stopped = "patience"
                         break
         finally:
