@@ -72,6 +72,17 @@ def left_pad(seqs: Sequence[np.ndarray], width: int, fill: int = PAD_ITEM) -> np
     return out
 
 
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row-index batches of similar length (less padding), in random order.
+
+    Rows are sorted by length with random tie-breaking, cut into ``batch_size`` chunks, and the
+    chunk order is shuffled (two draws from ``rng``).
+    """
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [chunks[i] for i in rng.permutation(len(chunks))]
+
+
 class Recommender(ABC):
     """Base class of every model: ``fit``, ``score``, ``recommend``, ``save``, ``load``.
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llmrec.data.splits import Split
 from llmrec.eval.metrics import ranking_metrics
-from llmrec.models.base import Recommender, left_pad
+from llmrec.models.base import Recommender, left_pad, length_batches
 
 
 @dataclass
@@ -271,17 +271,6 @@ class SASRec(Recommender):
         targets = left_pad([s[1:] for s in seqs], L, fill=0)  # (n_rows, L)
         return inputs, targets
 
-    def _batches(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-        """Row-index batches of similar length (less padding), in random order.
-
-        Rows are sorted by length with random tie-breaking, cut into ``batch_size`` chunks,
-        and the chunk order is shuffled.
-        """
-        order = np.lexsort((rng.random(len(lengths)), lengths))
-        bs = self.config.batch_size
-        chunks = [order[i : i + bs] for i in range(0, len(order), bs)]
-        return [chunks[i] for i in rng.permutation(len(chunks))]
-
     def _validate(self, split: Split) -> float:
         """Mean NDCG@10 on ``split.valid``: full ranking over all items, history items excluded."""
         valid = split.valid
@@ -323,7 +312,7 @@ class SASRec(Recommender):
                     self.net.train()
                     total, count = 0.0, 0
                     out_of_time = False
-                    for idx in self._batches(lengths, rng):
+                    for idx in length_batches(lengths, cfg.batch_size, rng):
                         if cfg.lr_schedule == "cosine":
                             for group in opt.param_groups:
                                 group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from llmrec.data.splits import PAD_ITEM, Split
 from llmrec.eval.metrics import ranking_metrics
-from llmrec.models.base import Recommender, left_pad
+from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
 from llmrec.models.semantic_ids.interests import (
     SMOLLM2,
@@ -288,10 +288,7 @@ class SemanticIDRec(Recommender):
                 for epoch in range(1, c.max_epochs + 1):
                     self.net.train()
                     total, count, out_of_time = 0.0, 0, False
-                    order = np.lexsort((rng.random(len(lengths)), lengths))
-                    chunks = [order[i : i + c.batch_size] for i in range(0, len(order), c.batch_size)]
-                    for j in rng.permutation(len(chunks)):
-                        idx = chunks[j]
+                    for idx in length_batches(lengths, c.batch_size, rng):
                         w = int(lengths[idx].max())
                         x = torch.from_numpy(inputs[idx, -w:]).to(self.device)  # (b, w)
                         y = torch.from_numpy(targets[idx, -w:]).to(self.device)  # (b, w)
