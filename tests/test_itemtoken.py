@@ -157,9 +157,30 @@ def test_lora_changes_only_adapter_and_item_rows(split: Split) -> None:
     before = {n: p.detach().clone() for n, p in model.net.named_parameters()}  # type: ignore[union-attr]
     one_step(model, split)
     changed = {n for n, p in model.net.named_parameters() if not torch.equal(p, before[n])}  # type: ignore[union-attr]
-    assert {"item_emb", "item_head", "item_bias"} <= changed
+    assert {"emb_rows.weight", "head_rows.weight", "item_bias"} <= changed
     assert any("lora_" in n for n in changed)
-    assert all(n.startswith("item_") or "lora_" in n for n in changed), sorted(changed)
+    assert all(not n.startswith("lm.") or "lora_" in n for n in changed), sorted(changed)
+
+
+def test_low_rank_tied_item_rows_train_only_the_delta(split: Split, tmp_path: Path) -> None:
+    model = built(item_rank=4, tie_item_rows=True, item_dropout=0.1)
+    net = model.net
+    assert net is not None and net.head_rows is None
+    base = net.emb_rows.base.clone()
+    torch.testing.assert_close(net.item_emb, base)  # the delta starts at zero: rows = title rows
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    one_step(model, split)
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert {"emb_rows.a", "emb_rows.b", "head_scale", "item_bias"} <= changed, sorted(changed)
+    assert all(not n.startswith("lm.") or "lora_" in n for n in changed), sorted(changed)
+    assert torch.equal(net.emb_rows.base, base)  # the title base never trains
+    assert net.emb_rows.a.shape == (N_ITEMS + 1, 4)
+    torch.testing.assert_close(net.item_head, net.head_scale * net.item_emb)  # tied
+    model.fit(split, progress=False)
+    histories = split.test.histories[:5]
+    model.save(tmp_path / "m")
+    loaded = ItemTokenLM.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.score(histories), model.score(histories), rtol=1e-4, atol=1e-4)
 
 
 def test_disabling_the_adapter_restores_the_base_model(split: Split) -> None:

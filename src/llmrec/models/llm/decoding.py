@@ -120,7 +120,7 @@ def constrained_beam_search_batch(
     each user's best beam; where fewer than ``k`` items are allowed the rest is ``PAD_ITEM`` / ``-inf``.
     """
     n, B = len(prompts), beam_size
-    n_rows = int(net.item_head.shape[0])
+    n_rows = int(net.n_rows)
     items = np.full((n, k), PAD_ITEM, dtype=np.int64)
     step_lp = np.full((n, k), -np.inf, dtype=np.float32)
     if n == 0:

@@ -9,7 +9,8 @@ Cost on a CPU decides the design:
 
 - the base vocabulary stays frozen; the item rows live in small separate matrices
   ``item_emb`` (R, H) (input side) and ``item_head`` (R, H) + ``item_bias`` (R,) (output side),
-  R = n_items + 1, initialized from the backbone's embeddings of each item's title tokens;
+  R = n_items + 1, initialized from the backbone's embeddings of each item's title tokens
+  (optionally tied, or a frozen title base plus a trainable low-rank delta: ``item_rank``);
 - where the target is an item, the loss is a softmax over the item rows only, computed from the
   final hidden state (no 49k-wide logits at every position);
 - the backbone trains through LoRA adapters (``peft``) or, with ``finetune="full"``, its
@@ -72,6 +73,10 @@ class ItemTokenLMConfig:
     review_chars: int = 100  # characters of each history item's review shown (0 = none)
     init_title_tokens: int = 32  # title tokens averaged to initialize an item's embedding
     head_init_scale: float = 0.1  # output rows start as scale * (title row - mean title row): calm first logits
+    # item-row capacity (regularization): 0 = free (R, H) rows; r > 0 = frozen title rows + a rank-r delta
+    item_rank: int = 0
+    tie_item_rows: bool = False  # output rows = input rows x a learned scale (starts at head_init_scale)
+    item_dropout: float = 0.0  # dropout on item input embeddings during training
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -109,7 +114,8 @@ class ItemTokenLMConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "title_tokens", "review_chars", "examples_per_user", "max_steps", "valid_users", "num_threads", "warmup_steps"):
+        for name in ("n_layers", "title_tokens", "review_chars", "examples_per_user", "max_steps", "valid_users",
+                     "num_threads", "warmup_steps", "item_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_history", "init_title_tokens", "next_k", "lora_r", "batch_size",
@@ -121,6 +127,8 @@ class ItemTokenLMConfig:
             raise ValueError("max_minutes, lr, item_lr and head_init_scale must be > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError("lora_dropout must be in [0, 1)")
+        if not 0.0 <= self.item_dropout < 1.0:
+            raise ValueError("item_dropout must be in [0, 1)")
 
 
 # Config keys that may differ between an interrupted run and its resumption.
@@ -130,13 +138,42 @@ _RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_thread
 # --- network ------------------------------------------------------------------------------
 
 
+class ItemRows(nn.Module):
+    """(R, H) item rows: free parameters (``rank=0``) or a frozen base plus a trainable low-rank
+    delta ``base + a @ b`` (a: (R, rank), b: (rank, H)), which bounds what the rows can memorize
+    and keeps each item near its title embedding (weight decay pulls the delta to zero)."""
+
+    def __init__(self, init: torch.Tensor, rank: int = 0) -> None:
+        super().__init__()
+        self.rank = int(rank)
+        if self.rank:
+            R, H = init.shape
+            self.register_buffer("base", init.clone())
+            self.a = nn.Parameter(torch.zeros(R, self.rank, dtype=init.dtype))
+            std = float(init.std()) if init.numel() > 1 else 1.0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(R * 7919 + H)
+                self.b = nn.Parameter(torch.randn(self.rank, H, dtype=init.dtype) * (std or 1.0))
+        else:
+            self.weight = nn.Parameter(init.clone())
+
+    def forward(self) -> torch.Tensor:
+        """The (R, H) rows."""
+        if self.rank:
+            return self.base + self.a @ self.b
+        return self.weight
+
+
 class ItemTokenNet(nn.Module):
     """A causal LM whose vocabulary is extended by R item rows kept in separate small matrices.
 
-    Token ``t < n_base`` is a backbone token; token ``n_base + r`` is item row ``r``.
+    Token ``t < n_base`` is a backbone token; token ``n_base + r`` is item row ``r``. Input rows
+    ``emb_rows`` (R, H); output rows ``head_rows`` (R, H), or with ``tie`` the input rows times a
+    learned scale; a bias (R,). ``item_dropout`` drops elements of item input embeddings in training.
     """
 
-    def __init__(self, lm: nn.Module, n_base: int, item_emb: torch.Tensor, item_head: torch.Tensor) -> None:
+    def __init__(self, lm: nn.Module, n_base: int, item_emb: torch.Tensor, item_head: torch.Tensor,
+                 rank: int = 0, tie: bool = False, head_scale: float = 1.0, item_dropout: float = 0.0) -> None:
         super().__init__()
         self.lm = lm  # the HF model, possibly wrapped by peft
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -145,15 +182,38 @@ class ItemTokenNet(nn.Module):
         object.__setattr__(self, "_embed", base.get_input_embeddings())
         object.__setattr__(self, "_head", base.get_output_embeddings())
         self.n_base = int(n_base)
-        self.item_emb = nn.Parameter(item_emb.clone())  # (R, H)
-        self.item_head = nn.Parameter(item_head.clone())  # (R, H)
-        self.item_bias = nn.Parameter(torch.zeros(item_head.shape[0], dtype=item_head.dtype))  # (R,)
+        self.n_rows = int(item_emb.shape[0])
+        self.emb_rows = ItemRows(item_emb, rank)
+        self.head_rows: ItemRows | None = None if tie else ItemRows(item_head, rank)
+        self.head_scale = nn.Parameter(torch.tensor([float(head_scale)])) if tie else None  # (1,)
+        self.item_bias = nn.Parameter(torch.zeros(self.n_rows, dtype=item_head.dtype))  # (R,)
+        self.item_drop = nn.Dropout(item_dropout)
+
+    @property
+    def item_emb(self) -> torch.Tensor:
+        """(R, H) input rows."""
+        return self.emb_rows()
+
+    @property
+    def item_head(self) -> torch.Tensor:
+        """(R, H) output rows (the scaled input rows when tied)."""
+        if self.head_rows is None:
+            assert self.head_scale is not None
+            return self.head_scale * self.emb_rows()
+        return self.head_rows()
+
+    def item_state(self) -> dict[str, torch.Tensor]:
+        """Item parameters and buffers by saved name (``emb``/``head``/``bias`` for free untied rows)."""
+        rename = {"emb_rows.weight": "emb", "head_rows.weight": "head", "item_bias": "bias"}
+        out = {rename.get(n, n): p for n, p in self.named_parameters() if not n.startswith("lm.")}
+        out.update({rename.get(n, n): b for n, b in self.named_buffers() if not n.startswith("lm.")})
+        return out
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, L) -> (B, L, H): backbone rows for base tokens, item rows for item tokens."""
         is_item = ids >= self.n_base  # (B, L)
         base = self._embed(torch.where(is_item, 0, ids))  # (B, L, H)
-        items = F.embedding(torch.where(is_item, ids - self.n_base, 0), self.item_emb)  # (B, L, H)
+        items = self.item_drop(F.embedding(torch.where(is_item, ids - self.n_base, 0), self.item_emb))  # (B, L, H)
         return torch.where(is_item[..., None], items.to(base.dtype), base)
 
     def hidden(
@@ -290,7 +350,9 @@ class ItemTokenLM(Recommender):
             for p in lm.parameters():
                 p.requires_grad_(id(p) not in frozen)
         # the new item rows always train in float32, whatever dtype the (frozen) backbone has
-        self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float()).to(self.device)
+        self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
+                                tie=cfg.tie_item_rows, head_scale=cfg.head_init_scale,
+                                item_dropout=cfg.item_dropout).to(self.device)
         self.net.eval()
         self.tokenizer = tok
         self.prompts = PromptBuilder(tok, n_base, self.titles, cfg.template, cfg.instruction, cfg.title_tokens,
@@ -321,7 +383,7 @@ class ItemTokenLM(Recommender):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything that training changes: item rows and adapter (or transformer) weights."""
         net = self._require_net()
-        state = {f"item.{n}": p for n, p in (("emb", net.item_emb), ("head", net.item_head), ("bias", net.item_bias))}
+        state = {f"item.{n}": p for n, p in net.item_state().items()}
         for n, p in net.lm.named_parameters():
             if p.requires_grad:
                 state[f"lm.{n}"] = p
@@ -431,7 +493,7 @@ class ItemTokenLM(Recommender):
             self._build(titles)
             net = self._require_net()
             state = self.trainable_state()
-            item_params = [net.item_emb, net.item_head, net.item_bias]
+            item_params = [p for n, p in net.named_parameters() if not n.startswith("lm.") and p.requires_grad]
             lm_params = [p for n, p in state.items() if n.startswith("lm.")]
             groups = [{"params": item_params, "lr": cfg.item_lr, "base_lr": cfg.item_lr}]
             if lm_params:
