@@ -34,10 +34,17 @@ METRICS = ["recall@1", "recall@5", "recall@10", "ndcg@5", "ndcg@10"]
 TIGER_BEAUTY = {"recall@10": 0.0648, "ndcg@10": 0.0384}
 # CPU budget per run on this 2-core machine (the issue allows 90 minutes; we use far less).
 PARAMS: dict[str, object] = {"max_minutes": 20.0, "num_threads": 1}
+# Training recipes (rows of the table are grouped by recipe):
+# v1: codes-only encoder input, constant learning rate (the first benchmark of this model);
+# v2: a learned per-item embedding beside the code embeddings, warm-up + cosine decay, more dropout.
+RECIPES: dict[str, dict[str, object]] = {
+    "v1": {},
+    "v2": {"item_embeddings": True, "warmup_epochs": 1.0, "decay_epochs": 30, "dropout": 0.2},
+}
 
 
 def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdir: Path,
-            extra: dict[str, object]) -> dict[str, object]:
+            extra: dict[str, object], recipe: str = "v1") -> dict[str, object]:
     from llmrec.config import from_dict
     from llmrec.pipeline import ensure_dataset
     from llmrec.runs import EvalConfig, ModelSection, RunConfig, evaluate_run, load_run, train
@@ -45,9 +52,9 @@ def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdi
     ds_dir = workdir / "datasets" / dataset
     ensure_dataset(SHARED / dataset, ds_dir, progress=False)
     cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
-    params = {**PARAMS, **extra, "use_interests": use_interests, "interests": extractor}
+    params = {**PARAMS, **RECIPES[recipe], **extra, "use_interests": use_interests, "interests": extractor}
     cfg.model = ModelSection(name="semantic-id", params=params)
-    tag = f"{dataset}-semid-{'int-' + extractor if use_interests else 'noint'}-seed{seed}"
+    tag = f"{dataset}-semid-{recipe}-{'int-' + extractor if use_interests else 'noint'}-seed{seed}"
     run_dir = workdir / "runs" / tag
     t0 = time.perf_counter()
     record = train(cfg, run_dir, overwrite=True, progress=True)  # progress goes to the parent's stderr
@@ -59,7 +66,7 @@ def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdi
     fit = dict(record["fit"])
     fit.pop("history", None)
     return {
-        "dataset": dataset, "seed": seed, "interest_fusion": use_interests,
+        "dataset": dataset, "recipe": recipe, "seed": seed, "interest_fusion": use_interests,
         "extractor": extractor if use_interests else None, "path": "beam (generative, constrained)",
         "test_users": result.n_users, "test": result.overall, "fit": fit,
         "train_seconds": train_s, "eval_seconds": eval_s,
@@ -121,6 +128,11 @@ def save_results(data: dict[str, object]) -> None:
     (RESULTS / "semantic_ids.md").write_text(markdown(data))
 
 
+def row_key(r: dict) -> tuple:
+    """Rows are replaced when re-run with the same dataset, recipe, seed, fusion and extractor."""
+    return (r["dataset"], r.get("recipe", "v1"), r["seed"], r["interest_fusion"], r["extractor"])
+
+
 def _fmt(summary: tuple[float, float, float], n: int) -> str:
     mean, lo, hi = summary
     return f"{mean:.4f}" if n == 1 else f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
@@ -134,18 +146,19 @@ def markdown(data: dict[str, object]) -> str:
              ("Top-10 lists come from trie-constrained beam search (beam 20), so every recommended item is "
              "real; history items are pruned inside the search. Mean over seeds, with a 95% Student-t "
              "interval in brackets when there are several seeds (one seed: no interval)."), "",
-             "| dataset | interest fusion | extractor | seeds | " + " | ".join(METRICS)
-             + " | train min | peak MB |", "|---|---|---|---:|" + "---:|" * (len(METRICS) + 2)]
+             "| dataset | recipe | interest fusion | extractor | seeds | " + " | ".join(METRICS)
+             + " | train min | peak MB |", "|---|---|---|---|---:|" + "---:|" * (len(METRICS) + 2)]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["interest_fusion"], r["extractor"]), []).append(r)
-    for (ds, fus, ex), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1], str(kv[0][2]))):
+        groups.setdefault((r["dataset"], r.get("recipe", "v1"), r["interest_fusion"], r["extractor"]), []).append(r)
+    for (ds, rec, fus, ex), rs in sorted(groups.items(),
+                                         key=lambda kv: (kv[0][0], kv[0][1], not kv[0][2], str(kv[0][3]))):
         summ = summarize_seeds([{m: r["test"][m] for m in METRICS} for r in rs])
         cells = [_fmt(summ[m], len(rs)) for m in METRICS]
         tmin = sum(r["train_seconds"] for r in rs) / len(rs) / 60
         peak = max(r["peak_rss_mb"] for r in rs)
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {ds} | {'on' if fus else 'off'} | {ex or '-'} | {seeds} | " + " | ".join(cells)
+        lines.append(f"| {ds} | {rec} | {'on' if fus else 'off'} | {ex or '-'} | {seeds} | " + " | ".join(cells)
                      + f" | {tmin:.1f} | {peak:.0f} |")
     base = RESULTS / "baselines.json"
     if base.exists():
@@ -159,14 +172,14 @@ def markdown(data: dict[str, object]) -> str:
                          f"{t['ndcg@5']:.4f} | {t['ndcg@10']:.4f} |")
     lines += ["", "Published TIGER on amazon-beauty-2014: Recall@10 0.0648, NDCG@10 0.0384.", ""]
     lines += ["## RQ-VAE and training facts per run", "",
-              ("| dataset | fusion | seed | recon MSE before -> after | collision rate (before extra level) | "
+              ("| dataset | recipe | fusion | seed | recon MSE before -> after | collision rate (before extra level) | "
               "max group | utilisation per level | epochs (best) | stopped | generator budget min | batch | "
                "best valid ndcg@10 | train s (all) | eval s |"),
-              "|---|---|---:|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], not r["interest_fusion"], r["seed"])):
+              "|---|---|---|---:|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r.get("recipe", "v1"), not r["interest_fusion"], r["seed"])):
         q = r["fit"]["rqvae"]
         util = " / ".join(f"{u:.2f}" for u in q["utilization"])
-        lines.append(f"| {r['dataset']} | {'on (' + str(r['extractor']) + ')' if r['interest_fusion'] else 'off'} | "
+        lines.append(f"| {r['dataset']} | {r.get('recipe', 'v1')} | {'on (' + str(r['extractor']) + ')' if r['interest_fusion'] else 'off'} | "
                      f"{r['seed']} | {q['recon_mse_before']:.5f} -> {q['recon_mse_after']:.5f} | "
                      f"{q['collision_rate']:.3f} | {q['max_group']} | {util} | {r['fit']['epochs']} "
                      f"({r['fit']['best_epoch']}) | {r['fit']['stopped']} | {r['params']['max_minutes']:g} | "
@@ -198,6 +211,7 @@ def main() -> None:
     ap.add_argument("--extractor", default="keyword", choices=["keyword", "llm"])
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=JSON",
                     help="extra model param, e.g. --set max_minutes=10")
+    ap.add_argument("--recipe", default="v1", choices=sorted(RECIPES), help="training recipe (see RECIPES)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench")
     ap.add_argument("--llm-throughput", type=int, default=0, metavar="N")
     ap.add_argument("--report", action="store_true")
@@ -206,7 +220,7 @@ def main() -> None:
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.sets)}
     if args.one:
         ds, seed, fus, ex = args.one
-        print("RESULT " + json.dumps(run_one(ds, int(seed), fus == "on", ex, args.workdir, extra), default=float))
+        print("RESULT " + json.dumps(run_one(ds, int(seed), fus == "on", ex, args.workdir, extra, args.recipe), default=float))
         return
     data = load_results()
     if args.report:
@@ -223,9 +237,9 @@ def main() -> None:
     for dataset in args.datasets.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for variant in args.variants.split(","):
-                print(f"== {dataset} seed {seed} fusion {variant} ({args.extractor})", flush=True)
+                print(f"== {dataset} recipe {args.recipe} seed {seed} fusion {variant} ({args.extractor})", flush=True)
                 cmd = [sys.executable, __file__, "--one", dataset, str(seed), variant, args.extractor,
-                       "--workdir", str(args.workdir)] + [a for s in args.sets for a in ("--set", s)]
+                       "--workdir", str(args.workdir), "--recipe", args.recipe] + [a for s in args.sets for a in ("--set", s)]
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)  # stderr: ours
                 if proc.returncode != 0:
                     sys.exit(f"{dataset}/{seed}/{variant} failed (exit {proc.returncode}); its log is above")
@@ -234,9 +248,8 @@ def main() -> None:
                 print(f"   recall@10 {t['recall@10']:.4f} ndcg@10 {t['ndcg@10']:.4f} train {row['train_seconds']:.0f}s"
                       f" peak {row['peak_rss_mb']:.0f} MB", flush=True)
                 data = load_results()
-                key = (row["dataset"], row["seed"], row["interest_fusion"], row["extractor"])
                 data["rows"] = [r for r in data["rows"]  # type: ignore[union-attr]
-                                if (r["dataset"], r["seed"], r["interest_fusion"], r["extractor"]) != key] + [row]
+                                if row_key(r) != row_key(row)] + [row]
                 save_results(data)
     print(markdown(load_results()))
 

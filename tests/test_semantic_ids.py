@@ -265,3 +265,31 @@ def test_early_stopping_waits_for_min_epochs() -> None:
                                        "max_epochs": 30, "lr": 0.0}, 20).fit(split, progress=False)
     # lr 0: validation never improves after the first epoch, so patience alone would stop at epoch 2
     assert info["stopped"] == "patience" and info["epochs"] == 4
+
+
+def test_item_embeddings_and_lr_schedule(split: Split, tmp_path: Path) -> None:
+    from llmrec.models.semantic_ids.model import lr_factor
+
+    # warm-up rises linearly to 1, cosine decays to 10% at decay_epochs, then stays there
+    assert lr_factor(0, 10, 1.0, 5) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 1.0, 5) == pytest.approx(1.0)
+    assert lr_factor(49, 10, 1.0, 5) == pytest.approx(0.1, abs=2e-3)
+    assert lr_factor(500, 10, 1.0, 5) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 0.0, 0) == 1.0
+    decay = [lr_factor(s, 10, 1.0, 5) for s in range(10, 50)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+    m = build_model("semantic-id", {**TINY, "item_embeddings": True, "warmup_epochs": 1.0, "decay_epochs": 40},
+                    N_ITEMS)
+    m.fit(split, progress=False)
+    assert m.net is not None and m.net.enc_item_emb is not None
+    assert m.net.enc_item_emb.weight.shape == (N_ITEMS, TINY["d_model"])
+    res = evaluate_full(m, split.test, ks=[10])
+    assert res.overall["recall@10"] >= 0.9
+    hists = split.test.histories[:5]
+    loaded = SemanticIDRec.load(_saved(m, tmp_path))
+    np.testing.assert_allclose(loaded.score(hists), m.score(hists), rtol=1e-4, atol=1e-4)
+    # the per-item embedding matters: changing it changes the scores
+    with torch.no_grad():
+        loaded.net.enc_item_emb.weight.normal_()  # type: ignore[union-attr]
+    assert np.abs(loaded.score(hists) - m.score(hists)).max() > 1e-3

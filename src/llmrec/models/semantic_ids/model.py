@@ -20,6 +20,7 @@ no target's own text ever reaches its interests.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,8 +68,11 @@ class SemanticIDConfig:
     ff_size: int = 256
     dropout: float = 0.1
     max_len: int = 20  # history items the encoder reads
+    item_embeddings: bool = False  # add a learned per-item embedding to each history token (codes only if False)
     lr: float = 2e-3
     weight_decay: float = 0.01
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up over this many epochs
+    decay_epochs: int = 0  # cosine decay of the learning rate to 10% over this many epochs (0 = constant)
     batch_size: int = 128
     max_epochs: int = 200
     eval_every: int = 1
@@ -106,10 +110,25 @@ class SemanticIDConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+        if self.warmup_epochs < 0 or self.decay_epochs < 0:
+            raise ValueError("warmup_epochs and decay_epochs must be >= 0")
         if self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
         if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
             raise ValueError("interests='openai' needs openai_url and openai_model")
+
+
+def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epochs: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear warm-up,
+    then cosine decay to 10% at ``decay_epochs`` (constant after; constant throughout if 0)."""
+    warm = warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if decay_epochs <= 0:
+        return 1.0
+    total = decay_epochs * steps_per_epoch
+    progress = min(1.0, (step - warm) / max(1.0, total - warm))
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
 class SemanticIDRec(Recommender):
@@ -189,7 +208,8 @@ class SemanticIDRec(Recommender):
         c = self.config
         ncfg = NetConfig(vocab_sizes=vocab_sizes, d_model=c.d_model, n_heads=c.n_heads, enc_layers=c.enc_layers,
                          dec_layers=c.dec_layers, ff_size=c.ff_size, dropout=c.dropout, max_len=c.max_len,
-                         interest_dim=interest_dim if c.use_interests else 0)
+                         interest_dim=interest_dim if c.use_interests else 0,
+                         n_items=self.n_items if c.item_embeddings else 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             self.net = SemIDSeq2Seq(ncfg).to(self.device)
@@ -208,7 +228,7 @@ class SemanticIDRec(Recommender):
         width = max(1, min(self.config.max_len, max((len(h) for h in histories), default=1)))
         ids = torch.from_numpy(left_pad(histories, width)).to(self.device)  # (B, T)
         pad = ids < 0
-        memory = self.net.encode(self._codes_t[ids.clamp(min=0)], pad)  # (B, T, d)
+        memory = self.net.encode(self._codes_t[ids.clamp(min=0)], pad, ids)  # (B, T, d)
         mem_mask = ~pad
         mem_mask[:, -1] = True  # an empty history still attends to one (blank) state
         fused = None
@@ -279,6 +299,7 @@ class SemanticIDRec(Recommender):
         gen_start = time.perf_counter()
         deadline = gen_start + 60.0 * c.max_minutes  # the generator's budget (embedding and RQ-VAE excluded)
         best, best_epoch, bad, epoch, stopped = -1.0, 0, 0, 0, "max_epochs"
+        step, steps_per_epoch = 0, max(1, -(-len(inputs) // c.batch_size))
         best_state = copy.deepcopy(self.net.state_dict())
         history: list[dict[str, float]] = []
         bar = tqdm(total=c.max_epochs, desc="semantic-id", disable=not progress, unit="ep")
@@ -297,8 +318,11 @@ class SemanticIDRec(Recommender):
                         if int_ids is not None and phrase_table is not None:
                             pid = torch.from_numpy(int_ids[idx, -w:]).to(self.device)  # (b, w, P)
                             interests = (phrase_table[pid.clamp(min=0)], pid >= 0)  # (b, w, P, E), (b, w, P)
+                        for g in opt.param_groups:
+                            g["lr"] = c.lr * lr_factor(step, steps_per_epoch, c.warmup_epochs, c.decay_epochs)
+                        step += 1
                         _, loss = self.net(self._codes_t[x.clamp(min=0)], pad, self._codes_t[y.clamp(min=0)],
-                                           has_t, interests)
+                                           has_t, interests, x)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)

@@ -1,7 +1,7 @@
 """A small T5-style encoder-decoder over semantic-ID codes, and trie-constrained beam search.
 
 Encoder: each history item is one token whose embedding is the sum of its code embeddings (one
-table per level) plus a position embedding; pre-LN self-attention blocks. The encoder is causal,
+table per level), optionally a learned per-item embedding, plus a position embedding; pre-LN self-attention blocks. The encoder is causal,
 so one pass over a training sequence yields the user state after every prefix and all next-item
 targets of the sequence train at once (a bidirectional encoder would need one pass per prefix).
 
@@ -37,6 +37,7 @@ class NetConfig:
     dropout: float = 0.1
     max_len: int = 20
     interest_dim: int = 0  # E; 0 disables interest fusion
+    n_items: int = 0  # > 0 adds a learned per-item embedding to each history token (0: codes only)
 
 
 class Attention(nn.Module):
@@ -140,6 +141,7 @@ class SemIDSeq2Seq(nn.Module):
         self.register_buffer("head_valid", torch.from_numpy(valid), persistent=False)  # (L, Vmax)
         self.enc_code_emb = nn.Embedding(int(sum(V)), d)
         self.enc_pos = nn.Embedding(cfg.max_len, d)
+        self.enc_item_emb = nn.Embedding(cfg.n_items, d) if cfg.n_items > 0 else None
         self.dec_emb = nn.Embedding(1 + int(sum(V)), d)  # 0 = BOS
         self.dec_pos = nn.Embedding(len(V), d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -161,11 +163,16 @@ class SemIDSeq2Seq(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # --- encoder ---------------------------------------------------------------------------
-    def encode(self, hist: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """hist: (B, T, L) codes of history items, left-padded; pad: (B, T) True at padding.
+    def encode(self, hist: torch.Tensor, pad: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """hist: (B, T, L) codes of history items, left-padded; pad: (B, T) True at padding;
+        items: (B, T) their item ids (read only when the net has item embeddings).
         Returns (B, T, d) causal states (state t summarises items <= t)."""
         _B, T, _L = hist.shape
         tok = self.enc_code_emb(hist.clamp(min=0) + self.offsets).sum(2)  # (B, T, d)
+        if self.enc_item_emb is not None:
+            if items is None:
+                raise ValueError("this network has item embeddings: encode() needs the item ids")
+            tok = tok + self.enc_item_emb(items.clamp(min=0))
         pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=hist.device)  # (T,)
         x = self.drop(tok + self.enc_pos(pos)) * (~pad).unsqueeze(-1)  # (B, T, d)
         causal = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()
@@ -205,7 +212,8 @@ class SemIDSeq2Seq(nn.Module):
         return F.log_softmax(logits, dim=-1)
 
     def forward(self, hist: torch.Tensor, pad: torch.Tensor, targets: torch.Tensor, has_target: torch.Tensor,
-                interests: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                interests: tuple[torch.Tensor, torch.Tensor] | None = None,
+                items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training step.
 
         hist: (B, T, L) input items' codes; pad: (B, T); targets: (B, T, L) codes of the item after
@@ -213,7 +221,7 @@ class SemIDSeq2Seq(nn.Module):
         Returns (log-probs (B, T, L, Vmax), mean cross-entropy per item over valid targets).
         """
         _B, T, _L = hist.shape
-        memory = self.encode(hist, pad)  # (B, T, d)
+        memory = self.encode(hist, pad, items)  # (B, T, d)
         mem_mask = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()[None] & ~pad[:, None, :]  # (B, T, T)
         mem_mask = mem_mask | torch.eye(T, dtype=torch.bool, device=hist.device)[None]
         fused = self.embed_interests(*interests) if (interests is not None and self.cfg.interest_dim > 0) else None
