@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -277,7 +278,7 @@ def test_item_embeddings_and_lr_schedule(split: Split, tmp_path: Path) -> None:
     assert lr_factor(500, 10, 1.0, 5) == pytest.approx(0.1)
     assert lr_factor(500, 10, 0.0, 0) == 1.0
     decay = [lr_factor(s, 10, 1.0, 5) for s in range(10, 50)]
-    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(decay))
 
     m = build_model("semantic-id", {**TINY, "item_embeddings": True, "warmup_epochs": 1.0, "decay_epochs": 40},
                     N_ITEMS)

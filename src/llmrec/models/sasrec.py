@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from llmrec.data.splits import Split
 from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.base import Recommender, left_pad, length_batches
+from llmrec.models.training import EarlyStopping
 
 
 @dataclass
@@ -53,6 +54,7 @@ class SASRecConfig:
     max_epochs: int = 20  # also the length of the cosine schedule
     eval_every: int = 1  # epochs between validation evaluations
     patience: int = 10  # evaluations without improvement before stopping
+    min_epochs: int = 0  # patience may not stop training before this epoch
     max_minutes: float = 15.0  # wall-clock training budget (validation time included)
     seed: int = 0
     num_threads: int = 1  # torch CPU threads in fit/score (0 keeps torch's); see the note below
@@ -82,8 +84,8 @@ class SASRecConfig:
             raise ValueError("dropout and attn_dropout must be in [0, 1)")
         if self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
-        if self.num_threads < 0:
-            raise ValueError("num_threads must be >= 0")
+        if self.num_threads < 0 or self.min_epochs < 0:
+            raise ValueError("num_threads and min_epochs must be >= 0")
 
 
 # --- network ------------------------------------------------------------------------------
@@ -301,8 +303,8 @@ class SASRec(Recommender):
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         has_valid = len(split.valid) > 0
         step, total_steps = 0, cfg.max_epochs * math.ceil(len(inputs) / cfg.batch_size)
-        best_ndcg, best_epoch, bad_evals, epoch, stopped = -1.0, 0, 0, 0, "max_epochs"
-        best_state = copy.deepcopy(self.net.state_dict())
+        epoch, stopped = 0, "max_epochs"
+        stopper = EarlyStopping(cfg.patience, cfg.min_epochs)
         history: list[dict[str, float]] = []
         bar = tqdm(total=cfg.max_epochs, desc="sasrec", disable=not progress, unit="ep")
         try:
@@ -334,13 +336,9 @@ class SASRec(Recommender):
                     if has_valid and (epoch % cfg.eval_every == 0 or out_of_time or epoch == cfg.max_epochs):
                         ndcg = self._validate(split)
                         record["valid_ndcg@10"] = ndcg
-                        if ndcg > best_ndcg:
-                            best_ndcg, best_epoch, bad_evals = ndcg, epoch, 0
-                            best_state = copy.deepcopy(self.net.state_dict())
-                        else:
-                            bad_evals += 1
+                        stopper.update(ndcg, epoch, lambda: copy.deepcopy(self.net.state_dict()))
                         bar.set_postfix(
-                            loss=f"{record['loss']:.4f}", ndcg=f"{ndcg:.4f}", best=f"{best_ndcg:.4f}"
+                            loss=f"{record['loss']:.4f}", ndcg=f"{ndcg:.4f}", best=f"{stopper.best:.4f}"
                         )
                     else:
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -349,21 +347,19 @@ class SASRec(Recommender):
                     if out_of_time or time.perf_counter() > deadline:
                         stopped = "max_minutes"
                         break
-                    if has_valid and bad_evals >= cfg.patience:
+                    if has_valid and stopper.should_stop(epoch):
                         stopped = "patience"
                         break
         finally:
             bar.close()
             torch.set_num_threads(old_threads)
-        if has_valid:
-            self.net.load_state_dict(best_state)
-        else:
-            best_epoch = epoch
+        if has_valid and stopper.best_state is not None:
+            self.net.load_state_dict(stopper.best_state)
         self.net.eval()
         return {
             "epochs": epoch,
-            "best_epoch": best_epoch,
-            "best_valid_ndcg@10": best_ndcg if has_valid else float("nan"),
+            "best_epoch": stopper.best_at if has_valid else epoch,
+            "best_valid_ndcg@10": stopper.best if has_valid else float("nan"),
             "train_seconds": time.perf_counter() - start,
             "stopped": stopped,
             "history": history,

@@ -50,6 +50,7 @@ from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
 from llmrec.models.llm.prompts import IGNORE, PromptBuilder, Template, item_token, training_example
+from llmrec.models.training import EarlyStopping
 
 
 @dataclass
@@ -513,10 +514,12 @@ class ItemTokenLM(Recommender):
             ckpt = Checkpointer(Path(cfg.checkpoint_dir), self) if cfg.checkpoint_dir else None
             run = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "best_step": 0, "bad": 0, "elapsed": 0.0,
                    "history": [], "resumed_from": None}
-            best_state = {n: p.detach().clone() for n, p in self.trainable_state().items()}
+            stopper = EarlyStopping(cfg.patience)
+            stopper.best_state = {n: p.detach().clone() for n, p in self.trainable_state().items()}
             if ckpt is not None and ckpt.exists():
-                run, best_state = ckpt.restore(opt)
+                run, stopper.best_state = ckpt.restore(opt)
                 run["resumed_from"] = run["step"]
+                stopper.restore_position({"best": run["best"], "best_at": run["best_step"], "bad": run["bad"]})
             base_elapsed = float(run["elapsed"])
             t_start = time.perf_counter()
             deadline = 60.0 * cfg.max_minutes
@@ -528,11 +531,9 @@ class ItemTokenLM(Recommender):
                 ndcg = self._validate(valid)
                 run["history"].append({"step": run["step"], "epoch": run["epoch"], "valid_ndcg@10": ndcg,
                                        "loss": run.get("loss", float("nan")), "seconds": elapsed()})
-                if ndcg > run["best"]:
-                    run["best"], run["best_step"], run["bad"] = ndcg, run["step"], 0
-                    best_state.update({n: p.detach().clone() for n, p in self.trainable_state().items()})
-                else:
-                    run["bad"] += 1
+                stopper.update(ndcg, run["step"],
+                               lambda: {n: p.detach().clone() for n, p in self.trainable_state().items()})
+                run["best"], run["best_step"], run["bad"] = stopper.best, stopper.best_at, stopper.bad
 
             stopped = "epochs"
             bar = tqdm(total=total_steps, initial=run["step"], desc="itemtoken-lm", disable=not progress, unit="step")
@@ -582,12 +583,12 @@ class ItemTokenLM(Recommender):
                         validate_and_track()
                     if ckpt is not None and (run["step"] % cfg.checkpoint_every == 0 or last_of_epoch):
                         run["elapsed"] = elapsed()
-                        ckpt.save(run, best_state, opt)
+                        ckpt.save(run, stopper.best_state, opt)
                     if run["step"] >= total_steps:
                         stopped, done = "max_steps", True
                     elif elapsed() > deadline:
                         stopped, done = "max_minutes", True
-                    elif has_valid and run["bad"] >= cfg.patience:
+                    elif has_valid and stopper.should_stop(run["step"]):
                         stopped, done = "patience", True
                     if done:
                         break
@@ -599,10 +600,10 @@ class ItemTokenLM(Recommender):
             if has_valid and (not run["history"] or run["history"][-1]["step"] != run["step"]):
                 validate_and_track()
             if has_valid:
-                self._load_trainable(best_state)
+                self._load_trainable(stopper.best_state)
             if ckpt is not None:
                 run["elapsed"] = elapsed()
-                ckpt.save(run, best_state, opt)
+                ckpt.save(run, stopper.best_state, opt)
             net.eval()
         finally:
             torch.set_num_threads(old_threads)

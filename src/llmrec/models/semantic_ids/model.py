@@ -45,6 +45,7 @@ from llmrec.models.semantic_ids.interests import (
 )
 from llmrec.models.semantic_ids.rqvae import RQVAEConfig, train_rqvae
 from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
+from llmrec.models.training import EarlyStopping
 
 
 @dataclass
@@ -298,9 +299,9 @@ class SemanticIDRec(Recommender):
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         gen_start = time.perf_counter()
         deadline = gen_start + 60.0 * c.max_minutes  # the generator's budget (embedding and RQ-VAE excluded)
-        best, best_epoch, bad, epoch, stopped = -1.0, 0, 0, 0, "max_epochs"
+        epoch, stopped = 0, "max_epochs"
+        stopper = EarlyStopping(c.patience, c.min_epochs)
         step, steps_per_epoch = 0, max(1, -(-len(inputs) // c.batch_size))
-        best_state = copy.deepcopy(self.net.state_dict())
         history: list[dict[str, float]] = []
         bar = tqdm(total=c.max_epochs, desc="semantic-id", disable=not progress, unit="ep")
         try:
@@ -338,29 +339,24 @@ class SemanticIDRec(Recommender):
                         ranked, _ = self.recommend(valid.histories, k=10, batch_size=c.eval_batch_size)
                         ndcg = float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"]))
                         rec["valid_ndcg@10"] = ndcg
-                        if ndcg > best:
-                            best, best_epoch, bad = ndcg, epoch, 0
-                            best_state = copy.deepcopy(self.net.state_dict())
-                        else:
-                            bad += 1
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", ndcg=f"{ndcg:.4f}", best=f"{best:.4f}")
+                        stopper.update(ndcg, epoch, lambda: copy.deepcopy(self.net.state_dict()))  # type: ignore[union-attr]
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", ndcg=f"{ndcg:.4f}", best=f"{stopper.best:.4f}")
                     history.append(rec)
                     bar.update(1)
                     if out_of_time or time.perf_counter() > deadline:
                         stopped = "max_minutes"
                         break
-                    if len(valid) and bad >= c.patience and epoch >= c.min_epochs:
+                    if len(valid) and stopper.should_stop(epoch):
                         stopped = "patience"
                         break
         finally:
             bar.close()
-        if len(valid):
-            self.net.load_state_dict(best_state)
-        else:
-            best_epoch = epoch
+        if len(valid) and stopper.best_state is not None:
+            self.net.load_state_dict(stopper.best_state)
         self.net.eval()
         return {
-            "epochs": epoch, "best_epoch": best_epoch, "best_valid_ndcg@10": best if len(valid) else float("nan"),
+            "epochs": epoch, "best_epoch": stopper.best_at if len(valid) else epoch,
+            "best_valid_ndcg@10": stopper.best if len(valid) else float("nan"),
             "stopped": stopped, "train_seconds": time.perf_counter() - start, "embed_seconds": embed_s,
             "generator_seconds": time.perf_counter() - gen_start,
             "interest_seconds": interest_s, "rqvae": self.rq_stats, "history": history,
