@@ -415,3 +415,28 @@ def test_batched_beam_search_equals_one_user_at_a_time(trained: ItemTokenLM, spl
     np.testing.assert_array_equal(trained.generate_lists(hists, k=5, mode="beam"),
                                   np.stack([constrained_beam_search(net, p, trie, 5, trained.config.beam_size, h)[0]
                                             for p, h in zip(prompts, hists, strict=True)]))
+
+
+def test_user_tokens_open_the_prompt_and_personalize(split: Split, tmp_path: Path) -> None:
+    model = ItemTokenLM(ItemTokenLMConfig(**{**TINY, "user_tokens": True, "epochs": 3}), N_ITEMS)  # type: ignore[arg-type]
+    model.fit(split, progress=False)
+    net = model.net
+    assert net is not None and net.user_rows is not None
+    n_users = len(split.train)
+    assert model.n_users == n_users and net.user_rows().shape[0] == n_users + 1
+    first_user = net.n_base + net.n_rows
+    h = np.array([3, 4])
+    ids = model.prompt_ids(h, user=7)
+    assert list(ids).count(first_user + 7) == 1 and "<|user_7|>" in model.render(h, user=7)
+    assert first_user + n_users in model.prompt_ids(h)  # no user: the shared unknown-user row
+    assert first_user + n_users in model.prompt_ids(h, user=n_users + 5)
+    # training moved the user rows apart: the same history scores differently for two users
+    a = model.score([h], users=np.array([0]))
+    b = model.score([h], users=np.array([1]))
+    assert np.abs(a - b).max() > 1e-4
+    # every user token appears only in that user's training prompts
+    for e in model._epoch_examples(split.train, 0)[:50]:
+        assert ((e[0] >= first_user).sum()) == 1
+    model.save(tmp_path / "m")
+    loaded = ItemTokenLM.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.score([h], users=np.array([1])), b, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 """Item-token generative LM: a pretrained causal LM that learns products as tokens.
 
 Every catalog item ``i`` becomes a new special token ``<|item_i|>`` of the backbone's tokenizer
-(plus one end/padding row ``<|item_END|>``). The model reads a prompt built from the user's
+(plus one end/padding row ``<|item_END|>``); with ``user_tokens`` every training user ``u`` gets a
+token ``<|user_u|>`` that opens its prompts (``<|user_UNK|>`` for users unseen in training). The model reads a prompt built from the user's
 chronological history (item tokens and truncated titles, see :mod:`.prompts`) and predicts the
 next item token, or the next ``K`` item tokens.
 
@@ -49,7 +50,7 @@ from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
-from llmrec.models.llm.prompts import IGNORE, PromptBuilder, Template, item_token, training_example
+from llmrec.models.llm.prompts import IGNORE, PromptBuilder, Template, item_token, training_example, user_token
 from llmrec.models.training import EarlyStopping
 
 
@@ -78,6 +79,7 @@ class ItemTokenLMConfig:
     item_rank: int = 0
     tie_item_rows: bool = False  # output rows = input rows x a learned scale (starts at head_init_scale)
     item_dropout: float = 0.0  # dropout on item input embeddings during training
+    user_tokens: bool = False  # a trainable token per training user opens the prompt (unknown users share one)
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -174,7 +176,8 @@ class ItemTokenNet(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, n_base: int, item_emb: torch.Tensor, item_head: torch.Tensor,
-                 rank: int = 0, tie: bool = False, head_scale: float = 1.0, item_dropout: float = 0.0) -> None:
+                 rank: int = 0, tie: bool = False, head_scale: float = 1.0, item_dropout: float = 0.0,
+                 user_emb: torch.Tensor | None = None) -> None:
         super().__init__()
         self.lm = lm  # the HF model, possibly wrapped by peft
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -189,6 +192,8 @@ class ItemTokenNet(nn.Module):
         self.head_scale = nn.Parameter(torch.tensor([float(head_scale)])) if tie else None  # (1,)
         self.item_bias = nn.Parameter(torch.zeros(self.n_rows, dtype=item_head.dtype))  # (R,)
         self.item_drop = nn.Dropout(item_dropout)
+        # user rows (U + 1, H) follow the item rows in the token id space: token n_base + R + u
+        self.user_rows = ItemRows(user_emb, rank) if user_emb is not None else None
 
     @property
     def item_emb(self) -> torch.Tensor:
@@ -211,11 +216,18 @@ class ItemTokenNet(nn.Module):
         return out
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, L) -> (B, L, H): backbone rows for base tokens, item rows for item tokens."""
-        is_item = ids >= self.n_base  # (B, L)
-        base = self._embed(torch.where(is_item, 0, ids))  # (B, L, H)
+        """ids (B, L) -> (B, L, H): backbone rows for base tokens, item (and user) rows for theirs."""
+        first_user = self.n_base + self.n_rows
+        is_new = ids >= self.n_base  # (B, L)
+        is_item = is_new & (ids < first_user)
+        base = self._embed(torch.where(is_new, 0, ids))  # (B, L, H)
         items = self.item_drop(F.embedding(torch.where(is_item, ids - self.n_base, 0), self.item_emb))  # (B, L, H)
-        return torch.where(is_item[..., None], items.to(base.dtype), base)
+        out = torch.where(is_item[..., None], items.to(base.dtype), base)
+        if self.user_rows is not None:
+            is_user = ids >= first_user
+            users = F.embedding(torch.where(is_user, ids - first_user, 0), self.user_rows())  # (B, L, H)
+            out = torch.where(is_user[..., None], self.item_drop(users).to(base.dtype), out)
+        return out
 
     def hidden(
         self, ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = False,
@@ -290,6 +302,7 @@ class ItemTokenLM(Recommender):
         self.tokenizer: Any = None
         self.prompts: PromptBuilder | None = None
         self.titles: list[str] = []
+        self.n_users = 0  # users with their own token (``user_tokens``); row n_users is the unknown user
         self.device = torch.device(config.device)
 
     # --- construction -------------------------------------------------------------------
@@ -298,7 +311,7 @@ class ItemTokenLM(Recommender):
         """Item row of the end/padding token (``pad-token`` padding of next-K targets)."""
         return self.n_items
 
-    def _build(self, titles: Sequence[str], init_rows: bool = True) -> None:
+    def _build(self, titles: Sequence[str], init_rows: bool = True, n_users: int = 0) -> None:
         """Load the backbone, add item tokens, initialize item rows from titles, attach LoRA."""
         from llmrec.models.llm.backbone import load_backbone
 
@@ -314,7 +327,10 @@ class ItemTokenLM(Recommender):
             raise ValueError(f"backbone {cfg.backbone}: tokenizer has {len(tok)} tokens but only {n_base} embedding rows")
         # Make tokenizer ids equal model ids: filler tokens up to n_base, then the item tokens.
         fillers = [f"<|llmrec_unused_{j}|>" for j in range(n_base - len(tok))]
-        new_tokens = fillers + [item_token(i) for i in range(self.n_items)] + [item_token("END")]  # type: ignore[arg-type]
+        new_tokens = fillers + [item_token(i) for i in range(self.n_items)] + [item_token("END")]
+        self.n_users = int(n_users) if cfg.user_tokens else 0
+        if cfg.user_tokens:  # users 0..U-1, then the shared row of users unseen in training
+            new_tokens += [user_token(u) for u in range(self.n_users)] + [user_token("UNK")]
         title_ids = tok([" " + t for t in self.titles], add_special_tokens=False)["input_ids"]
         tok.add_tokens(new_tokens, special_tokens=True)
         if tok.convert_tokens_to_ids(item_token(0)) != n_base and self.n_items:
@@ -332,6 +348,9 @@ class ItemTokenLM(Recommender):
             else:
                 item_emb = torch.zeros(R, emb.shape[1])
                 item_head = torch.zeros(R, emb.shape[1])
+            # every user starts as the mean item row (a neutral token); training personalizes it
+            user_emb = item_emb[: max(1, self.n_items)].mean(0).expand(self.n_users + 1, -1).clone() \
+                if cfg.user_tokens else None
         for p in lm.parameters():
             p.requires_grad_(False)
         if cfg.finetune == "lora":
@@ -353,7 +372,7 @@ class ItemTokenLM(Recommender):
         # the new item rows always train in float32, whatever dtype the (frozen) backbone has
         self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
                                 tie=cfg.tie_item_rows, head_scale=cfg.head_init_scale,
-                                item_dropout=cfg.item_dropout).to(self.device)
+                                item_dropout=cfg.item_dropout, user_emb=user_emb).to(self.device)
         self.net.eval()
         self.tokenizer = tok
         self.prompts = PromptBuilder(tok, n_base, self.titles, cfg.template, cfg.instruction, cfg.title_tokens,
@@ -362,6 +381,14 @@ class ItemTokenLM(Recommender):
     @property
     def wants_feedback(self) -> bool:
         return self.config.ratings or self.config.review_chars > 0
+
+    def _lead(self, user: int | None) -> tuple[int, ...]:
+        """Token ids that open the prompt of ``user``: its user token (``user_tokens``), else none."""
+        if not self.config.user_tokens:
+            return ()
+        net = self._require_net()
+        u = int(user) if user is not None and 0 <= int(user) < self.n_users else self.n_users
+        return (net.n_base + net.n_rows + u,)
 
     def _feedback_of(self, user: int | None, history: np.ndarray) -> tuple[Any, Any]:
         """(ratings, reviews) shown for ``history`` of ``user`` (None where the model or data has none)."""
@@ -426,7 +453,7 @@ class ItemTokenLM(Recommender):
                 answer = pad_targets(seq[t : t + k], k, cfg.padding, pad_id=self.end_row)
                 if len(answer) == 0:
                     continue
-                prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1,
+                prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1, lead=self._lead(user),
                                             ratings=None if ratings is None else ratings[:t],
                                             reviews=None if reviews is None else reviews[:t])
                 examples.append(training_example(prompt, answer, self.prompts.n_base, dense=cfg.dense))
@@ -491,7 +518,7 @@ class ItemTokenLM(Recommender):
         old_threads = self._set_threads()
         start = time.perf_counter()
         try:
-            self._build(titles)
+            self._build(titles, n_users=len(split.train))
             net = self._require_net()
             state = self.trainable_state()
             item_params = [p for n, p in net.named_parameters() if not n.startswith("lm.") and p.requires_grad]
@@ -629,7 +656,7 @@ class ItemTokenLM(Recommender):
         assert self.prompts is not None
         history = np.asarray(history, dtype=np.int64)
         ratings, reviews = self._feedback_of(user, history)
-        return self.prompts.build(history, ratings=ratings, reviews=reviews).ids
+        return self.prompts.build(history, ratings=ratings, reviews=reviews, lead=self._lead(user)).ids
 
     def render(self, history: np.ndarray, user: int | None = None) -> str:
         """The prompt for ``history`` as text (item tokens shown as ``<|item_i|>``)."""
@@ -702,14 +729,14 @@ class ItemTokenLM(Recommender):
     # --- persistence --------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors = {n: p.detach().float().cpu().numpy().copy() for n, p in self.trainable_state().items()}
-        extra = {"titles": self.titles, "n_base": self._require_net().n_base,
-                 "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}  # type: ignore[arg-type]
+        extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
+                 "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         old = self._set_threads()
         try:
-            self._build(extra["titles"], init_rows=False)
+            self._build(extra["titles"], init_rows=False, n_users=int(extra.get("n_users", 0)))
         finally:
             torch.set_num_threads(old)
         if self._require_net().n_base != extra["n_base"]:

@@ -42,9 +42,14 @@ _PHI3 = "<|user|>\n{instruction}\n{history}<|end|>\n<|assistant|>\n"
 _PLAIN = "{instruction}\n{history}Next:"
 
 
-def item_token(i: int) -> str:
+def item_token(i: int | str) -> str:
     """The tokenizer string of item ``i`` (``<|item_END|>`` for the end/padding row)."""
     return f"<|item_{i}|>"
+
+
+def user_token(u: int | str) -> str:
+    """The tokenizer string of user ``u`` (``<|user_UNK|>`` for users unseen in training)."""
+    return f"<|user_{u}|>"
 
 
 def render_template(template: Template, instruction: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -138,14 +143,16 @@ class PromptBuilder:
         reserve: int = 0,
         ratings: Sequence[float | None] | None = None,
         reviews: Sequence[str | None] | None = None,
+        lead: Sequence[int] = (),
     ) -> Prompt:
         """The prompt for ``history`` (chronological item ids), leaving ``reserve`` tokens for the answer.
 
         Segments are taken from the newest end until the budget ``max_tokens - reserve`` is used;
-        at least the newest item token is always kept.
+        at least the newest item token is always kept. ``lead`` token ids (a user token) come
+        right after the template's prefix.
         """
         history = np.asarray(history, dtype=np.int64)
-        budget = self.max_tokens - reserve - len(self.prefix) - len(self.suffix)
+        budget = self.max_tokens - reserve - len(self.prefix) - len(self.suffix) - len(lead)
         segs: list[list[int]] = []
         used = 0
         start = max(0, len(history) - self.max_history)
@@ -162,7 +169,7 @@ class PromptBuilder:
             segs.append(seg)
             used += len(seg)
         segs.reverse()
-        ids = list(self.prefix)
+        ids = list(self.prefix) + [int(t) for t in lead]
         ends = []
         for seg in segs:
             ids.extend(seg)
