@@ -50,7 +50,14 @@ from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
-from llmrec.models.llm.prompts import IGNORE, PromptBuilder, Template, item_token, training_example, user_token
+from llmrec.models.llm.prompts import (
+    IGNORE,
+    PromptBuilder,
+    Template,
+    item_token,
+    training_example,
+    user_token,
+)
 from llmrec.models.training import EarlyStopping
 
 
