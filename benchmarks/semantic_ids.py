@@ -146,6 +146,9 @@ def markdown(data: dict[str, object]) -> str:
              ("Top-10 lists come from trie-constrained beam search (beam 20), so every recommended item is "
              "real; history items are pruned inside the search. Mean over seeds, with a 95% Student-t "
              "interval in brackets when there are several seeds (one seed: no interval)."), "",
+             ("Recipes (`RECIPES` in `benchmarks/semantic_ids.py`): v1 = code embeddings only, constant learning "
+              "rate; v2 = a learned per-item embedding beside the code embeddings, 1 epoch of warm-up, cosine decay "
+              "over 30 epochs, dropout 0.2."), "",
              "| dataset | recipe | interest fusion | extractor | seeds | " + " | ".join(METRICS)
              + " | train min | peak MB |", "|---|---|---|---|---:|" + "---:|" * (len(METRICS) + 2)]
     groups: dict[tuple, list[dict]] = {}
