@@ -1,4 +1,5 @@
-"""Early-stopping bookkeeping shared by the trained models (SASRec, semantic-ID, item-token LM).
+"""Training helpers shared by the trained models: early stopping (SASRec, semantic-ID, item-token
+LM) and the warm-up + decay learning-rate schedule (semantic-ID, item-token LM).
 
 A model validates every so often ("round": an epoch or an optimizer step, the caller decides),
 feeds the score to :meth:`EarlyStopping.update`, and asks :meth:`EarlyStopping.should_stop`.
@@ -8,9 +9,24 @@ validations in a row failed to improve on it. Higher scores are better (NDCG@10)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+
+def lr_factor(step: int, total: float, warmup: float, schedule: Literal["cosine", "linear", "constant"]) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear warm-up
+    over ``warmup`` steps, then ``schedule`` until step ``total`` (cosine ends at 10%, linear at 0)
+    and flat after it; ``constant`` (or ``total <= warmup``) stays at 1 after the warm-up."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 10%
 
 
 @dataclass

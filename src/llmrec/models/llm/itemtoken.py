@@ -58,7 +58,7 @@ from llmrec.models.llm.prompts import (
     training_example,
     user_token,
 )
-from llmrec.models.training import EarlyStopping
+from llmrec.models.training import EarlyStopping, lr_factor
 
 
 @dataclass
@@ -280,18 +280,6 @@ def title_rows(weight: torch.Tensor, token_lists: Sequence[Sequence[int]], n_tok
     fallback = weight.mean(dim=0)
     rows = [weight[torch.tensor(list(t)[:n_tokens])].mean(dim=0) if len(t) else fallback for t in token_lists]
     return torch.stack(rows) if rows else weight[:0]
-
-
-def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 10%
 
 
 # --- the recommender ----------------------------------------------------------------------
@@ -528,7 +516,7 @@ class ItemTokenLM(Recommender):
             self._build(titles, n_users=len(split.train))
             net = self._require_net()
             state = self.trainable_state()
-            item_params = [p for n, p in net.named_parameters() if not n.startswith("lm.") and p.requires_grad]
+            item_params = [p for p in net.item_state().values() if isinstance(p, nn.Parameter)]
             lm_params = [p for n, p in state.items() if n.startswith("lm.")]
             groups = [{"params": item_params, "lr": cfg.item_lr, "base_lr": cfg.item_lr}]
             if lm_params:
@@ -586,7 +574,7 @@ class ItemTokenLM(Recommender):
                     net.train()
                     torch.manual_seed(cfg.seed * 1_000_003 + run["step"])  # dropout: same after resuming
                     for g in opt.param_groups:
-                        g["lr"] = g["base_lr"] * _lr_factor(run["step"], run.get("sched_total", total_steps),
+                        g["lr"] = g["base_lr"] * lr_factor(run["step"], run.get("sched_total", total_steps),
                                                             cfg.warmup_steps, cfg.schedule)
                     opt.zero_grad(set_to_none=True)
                     micro = batches[s * cfg.grad_accum : (s + 1) * cfg.grad_accum]

@@ -20,7 +20,6 @@ no target's own text ever reaches its interests.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from llmrec.models.semantic_ids.interests import (
 from llmrec.models.semantic_ids.rqvae import RQVAEConfig, train_rqvae
 from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
 from llmrec.models.training import EarlyStopping
+from llmrec.models.training import lr_factor as shared_lr_factor
 
 
 @dataclass
@@ -120,16 +120,10 @@ class SemanticIDConfig:
 
 
 def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epochs: int) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear warm-up,
-    then cosine decay to 10% at ``decay_epochs`` (constant after; constant throughout if 0)."""
-    warm = warmup_epochs * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
-    if decay_epochs <= 0:
-        return 1.0
-    total = decay_epochs * steps_per_epoch
-    progress = min(1.0, (step - warm) / max(1.0, total - warm))
-    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+    """Learning-rate multiplier at optimizer step ``step`` (0-based) for a schedule given in epochs:
+    linear warm-up, then cosine decay to 10% at ``decay_epochs`` (constant throughout if 0)."""
+    return shared_lr_factor(step, decay_epochs * steps_per_epoch, warmup_epochs * steps_per_epoch,
+                            "cosine" if decay_epochs > 0 else "constant")
 
 
 class SemanticIDRec(Recommender):
