@@ -42,6 +42,9 @@ RECIPES: dict[str, dict[str, object]] = {
     "v2": {"item_embeddings": True, "warmup_epochs": 1.0, "decay_epochs": 30, "dropout": 0.2},
     # v3: the v1 inputs in a larger generator (TIGER used 4+4 layers) with the warm-up + cosine schedule
     "v3": {"enc_layers": 4, "dec_layers": 4, "ff_size": 512, "warmup_epochs": 1.0, "decay_epochs": 25},
+    # v4: v1 with collaborative codes: the RQ-VAE quantizes the text embedding beside the item vectors of a
+    # SASRec fitted on the same training split (LETTER / ETEGRec-style hybrid semantic IDs)
+    "v4": {"rq_input": "text+sasrec", "collab_minutes": 10.0},
 }
 
 

@@ -440,3 +440,27 @@ def test_user_tokens_open_the_prompt_and_personalize(split: Split, tmp_path: Pat
     model.save(tmp_path / "m")
     loaded = ItemTokenLM.load(tmp_path / "m")
     np.testing.assert_allclose(loaded.score([h], users=np.array([1])), b, rtol=1e-4, atol=1e-4)
+
+
+def test_collaborative_init_starts_the_item_delta_from_sasrec(split: Split, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="item_rank"):
+        ItemTokenLMConfig(**{**TINY, "collab_init": "sasrec"})  # type: ignore[arg-type]
+    collab = np.random.default_rng(0).normal(size=(N_ITEMS, 4)).astype(np.float32)
+    model = ItemTokenLM(ItemTokenLMConfig(**{**TINY, "item_rank": 4, "tie_item_rows": True}), N_ITEMS)  # type: ignore[arg-type]
+    model._build([f"Product {i}" for i in range(N_ITEMS)], collab=collab)
+    net = model.net
+    assert net is not None
+    np.testing.assert_allclose(net.emb_rows.a[:N_ITEMS].detach().numpy(), collab)
+    assert not net.emb_rows.a[N_ITEMS].any()  # the END row has no collaborative part
+    with pytest.raises(ValueError, match="shape"):
+        model._build([f"Product {i}" for i in range(N_ITEMS)], collab=collab[:, :3])
+    # fit trains a SASRec first and reports it; the result saves and loads like any other model
+    model = ItemTokenLM(ItemTokenLMConfig(**{**TINY, "item_rank": 4, "tie_item_rows": True, "epochs": 2,
+                                             "collab_init": "sasrec", "collab_minutes": 0.2}), N_ITEMS)  # type: ignore[arg-type]
+    info = model.fit(split, progress=False)
+    assert info["collab"] is not None and info["collab"]["seconds"] > 0
+    assert model.net is not None and float(model.net.emb_rows.a.detach().abs().sum()) > 0
+    model.save(tmp_path / "m")
+    hists = split.test.histories[:5]
+    np.testing.assert_allclose(ItemTokenLM.load(tmp_path / "m").score(hists), model.score(hists),
+                               rtol=1e-4, atol=1e-4)

@@ -294,3 +294,15 @@ def test_item_embeddings_and_lr_schedule(split: Split, tmp_path: Path) -> None:
     with torch.no_grad():
         loaded.net.enc_item_emb.weight.normal_()  # type: ignore[union-attr]
     assert np.abs(loaded.score(hists) - m.score(hists)).max() > 1e-3
+
+
+@pytest.mark.parametrize("rq_input", ["text+sasrec", "sasrec"])
+def test_collaborative_codes(split: Split, rq_input: str) -> None:
+    m = build_model("semantic-id", {**TINY, "use_interests": False, "max_epochs": 2, "rq_input": rq_input,
+                                    "collab_minutes": 0.2}, N_ITEMS)
+    info = m.fit(split, progress=False)
+    assert info["collab"] is not None and info["collab"]["seconds"] > 0
+    codes = np.asarray(m.codes)
+    assert codes.shape[0] == N_ITEMS and len({tuple(r) for r in codes.tolist()}) == N_ITEMS
+    with pytest.raises(ValueError, match="collab_weight"):
+        build_model("semantic-id", {**TINY, "collab_weight": 0.0}, N_ITEMS)

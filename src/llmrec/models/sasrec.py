@@ -386,6 +386,11 @@ class SASRec(Recommender):
             torch.set_num_threads(old_threads)
         return out
 
+    def item_vectors(self) -> np.ndarray:
+        """(n_items, hidden_size) float32 item embeddings (input and output rows are tied), row ``j``
+        = dataset item ``j``; the collaborative item vectors other models can start from."""
+        return self.net.item_emb.weight[1:].detach().float().cpu().numpy().copy()
+
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors = {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
         return tensors, {}

@@ -87,6 +87,11 @@ class ItemTokenLMConfig:
     tie_item_rows: bool = False  # output rows = input rows x a learned scale (starts at head_init_scale)
     item_dropout: float = 0.0  # dropout on item input embeddings during training
     user_tokens: bool = False  # a trainable token per training user opens the prompt (unknown users share one)
+    # hybrid item rows: "sasrec" starts the rank-r delta of each item row (needs item_rank > 0) from the
+    # item vectors of a SASRec fitted on the same training split (collaborative signal the titles lack)
+    collab_init: Literal["none", "sasrec"] = "none"
+    collab_scale: float = 1.0  # mean norm of the initial delta rows relative to the mean title row norm
+    collab_minutes: float = 5.0  # SASRec's training budget (outside max_minutes; counted in train time)
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -139,6 +144,11 @@ class ItemTokenLMConfig:
             raise ValueError("lora_dropout must be in [0, 1)")
         if not 0.0 <= self.item_dropout < 1.0:
             raise ValueError("item_dropout must be in [0, 1)")
+        if self.collab_init != "none" and self.item_rank == 0:
+            raise ValueError(f"collab_init={self.collab_init!r} initializes the rank-r delta of the item rows: "
+                             "set item_rank > 0")
+        if self.collab_scale < 0 or self.collab_minutes <= 0:
+            raise ValueError("collab_scale must be >= 0 and collab_minutes > 0")
 
 
 # Config keys that may differ between an interrupted run and its resumption.
@@ -306,8 +316,13 @@ class ItemTokenLM(Recommender):
         """Item row of the end/padding token (``pad-token`` padding of next-K targets)."""
         return self.n_items
 
-    def _build(self, titles: Sequence[str], init_rows: bool = True, n_users: int = 0) -> None:
-        """Load the backbone, add item tokens, initialize item rows from titles, attach LoRA."""
+    def _build(self, titles: Sequence[str], init_rows: bool = True, n_users: int = 0,
+               collab: np.ndarray | None = None) -> None:
+        """Load the backbone, add item tokens, initialize item rows from titles, attach LoRA.
+
+        ``collab`` (n_items, item_rank): the initial low-rank factor ``a`` of the item rows, so
+        that row i starts as title row i + collab[i] @ b (b random, entries as large as the title rows').
+        """
         from llmrec.models.llm.backbone import load_backbone
 
         cfg = self.config
@@ -368,6 +383,11 @@ class ItemTokenLM(Recommender):
         self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
                                 tie=cfg.tie_item_rows, head_scale=cfg.head_init_scale,
                                 item_dropout=cfg.item_dropout, user_emb=user_emb).to(self.device)
+        if collab is not None:
+            if collab.shape != (self.n_items, cfg.item_rank):
+                raise ValueError(f"collab vectors have shape {collab.shape}, expected ({self.n_items}, {cfg.item_rank})")
+            with torch.no_grad():
+                self.net.emb_rows.a[: self.n_items].copy_(torch.as_tensor(collab, dtype=torch.float32))
         self.net.eval()
         self.tokenizer = tok
         self.prompts = PromptBuilder(tok, n_base, self.titles, cfg.template, cfg.instruction, cfg.title_tokens,
@@ -513,7 +533,16 @@ class ItemTokenLM(Recommender):
         old_threads = self._set_threads()
         start = time.perf_counter()
         try:
-            self._build(titles, n_users=len(split.train))
+            collab, collab_info = None, None
+            resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
+            if cfg.collab_init == "sasrec" and not resuming:  # a resumed run restores its item rows
+                from llmrec.models.collab import fit_width, sasrec_item_vectors, unit_rms_rows
+                from llmrec.models.sasrec import SASRecConfig
+
+                vecs, collab_info = sasrec_item_vectors(
+                    split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress)
+                collab = cfg.collab_scale * unit_rms_rows(fit_width(vecs, cfg.item_rank))
+            self._build(titles, n_users=len(split.train), collab=collab)
             net = self._require_net()
             state = self.trainable_state()
             item_params = [p for p in net.item_state().values() if isinstance(p, nn.Parameter)]
@@ -641,6 +670,7 @@ class ItemTokenLM(Recommender):
             "seconds_per_step": float(np.median(step_times)) if step_times else float("nan"),
             "stopped": stopped,
             "resumed_from": run["resumed_from"],
+            "collab": collab_info,
             "history": run["history"],
         }
 

@@ -54,6 +54,11 @@ class SemanticIDConfig:
 
     embedder: str = DEFAULT_EMBEDDER  # sentence-transformers name/folder, or "hash" for tests
     description_chars: int = 300  # description characters in the item text
+    # what the RQ-VAE quantizes: the text embedding, or the text embedding beside the item vectors of a
+    # SASRec fitted on the same training split (LETTER / ETEGRec-style collaborative codes), or those alone
+    rq_input: Literal["text", "text+sasrec", "sasrec"] = "text"
+    collab_weight: float = 1.0  # mean norm of the SASRec part relative to the text part ("text+sasrec")
+    collab_minutes: float = 10.0  # SASRec's training budget (before the generator's max_minutes)
     rq_levels: int = 3
     rq_codebook_size: int = 256
     rq_latent_dim: int = 32
@@ -115,6 +120,8 @@ class SemanticIDConfig:
             raise ValueError("warmup_epochs and decay_epochs must be >= 0")
         if self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
+        if self.collab_weight <= 0 or self.collab_minutes <= 0:
+            raise ValueError("collab_weight and collab_minutes must be > 0")
         if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
             raise ValueError("interests='openai' needs openai_url and openai_model")
 
@@ -258,6 +265,16 @@ class SemanticIDRec(Recommender):
         t0 = time.perf_counter()
         emb = self.embedder.encode(texts)  # (N, E)
         embed_s = time.perf_counter() - t0
+        collab_info = None
+        if c.rq_input != "text":
+            from llmrec.models.collab import fit_width, sasrec_item_vectors, unit_rms_rows
+            from llmrec.models.sasrec import SASRecConfig
+
+            vecs, collab_info = sasrec_item_vectors(
+                split, SASRecConfig(max_minutes=c.collab_minutes, seed=c.seed), progress=progress)
+            col = unit_rms_rows(fit_width(vecs, vecs.shape[1]))  # (N, 64) centred, mean norm 1
+            emb = c.collab_weight * col if c.rq_input == "sasrec" else \
+                np.concatenate([unit_rms_rows(emb), c.collab_weight * col], axis=1)  # (N, E + 64)
         t0 = time.perf_counter()
         rq_cfg = RQVAEConfig(levels=c.rq_levels, codebook_size=c.rq_codebook_size, latent_dim=c.rq_latent_dim,
                              hidden=c.rq_hidden, steps=c.rq_steps, batch_size=c.rq_batch_size, lr=c.rq_lr,
@@ -353,7 +370,7 @@ class SemanticIDRec(Recommender):
             "best_valid_ndcg@10": stopper.best if len(valid) else float("nan"),
             "stopped": stopped, "train_seconds": time.perf_counter() - start, "embed_seconds": embed_s,
             "generator_seconds": time.perf_counter() - gen_start,
-            "interest_seconds": interest_s, "rqvae": self.rq_stats, "history": history,
+            "interest_seconds": interest_s, "rqvae": self.rq_stats, "collab": collab_info, "history": history,
             "n_parameters": int(sum(p.numel() for p in self.net.parameters())),
             "interest_extractor": self.extractor.cache_id if c.use_interests else None,
         }
