@@ -205,14 +205,16 @@ def markdown(result: dict[str, Any]) -> str:
              "items, history items excluded, test set; checkpoints chosen on validation NDCG@10 only."), "",
              ("| model | backbone | ndcg@10 | recall@10 | hit_rate@10 | ndcg@5 | ndcg@20 | train s | "
              "latency median / p95 ms | peak MB | hardware |"), "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    rows = list(result["baselines"])
+    # earlier leave-one-out runs kept for comparison ("variant" says what differed), then the current one
+    rows = list(result["baselines"]) + list(result.get("loo_earlier", []))
     if result.get("loo"):
         rows.append(result["loo"])
     for r in rows:
         t = r["test"]
         lat = r.get("latency_per_user", {}).get("fast")
         lat_s = f"{lat['median_ms']:.0f} / {lat['p95_ms']:.0f}" if lat else "-"
-        lines.append(f"| {r['model']} | {r.get('backbone', '-')} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | "
+        name = f"{r['model']} ({r['variant']})" if r.get("variant") else r["model"]
+        lines.append(f"| {name} | {r.get('backbone', '-')} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | "
                      f"{t['hit_rate@10']:.4f} | {t['ndcg@5']:.4f} | {t['ndcg@20']:.4f} | {r['train_seconds']:.0f} | "
                      f"{lat_s} | {r['peak_rss_mb']:.0f} | {r.get('hardware', HARDWARE)} |")
     loo = result.get("loo")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from llmrec.data.splits import leave_one_out
-from llmrec.models.collab import fit_width, sasrec_item_vectors, unit_rms_rows
-from llmrec.models.sasrec import SASRecConfig
+from llmrec.data.splits import Split, leave_one_out
+from llmrec.models.collab import fit_width, sasrec_item_vectors, split_key, unit_rms_rows
+from llmrec.models.sasrec import SASRec, SASRecConfig
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
 
@@ -47,17 +50,40 @@ def test_unit_rms_rows_and_errors() -> None:
         fit_width(np.ones(3), 2)
 
 
-def test_sasrec_item_vectors_put_successors_close() -> None:
+def cycle(n_users: int = 60, seed: int = 0) -> Split:
     # 8 items in a cycle: item i is always followed by item i+1
-    rng = np.random.default_rng(0)
-    seqs = [(int(rng.integers(8)) + np.arange(int(rng.integers(5, 9)))) % 8 for _ in range(60)]
-    split = leave_one_out(seqs, 8)
-    cfg = SASRecConfig(hidden_size=16, n_heads=1, max_epochs=30, patience=30, dropout=0.1, attn_dropout=0.1,
-                       lr=1e-2, batch_size=32)
-    vecs, info = sasrec_item_vectors(split, cfg)
-    assert vecs.shape == (8, 16) and vecs.dtype == np.float32 and np.isfinite(vecs).all()
-    assert info["seconds"] > 0 and info["best_valid_ndcg@10"] > 0.5
-    # vectors are not left at their random start: they differ from a fresh model's
-    from llmrec.models.sasrec import SASRec
+    rng = np.random.default_rng(seed)
+    seqs = [(int(rng.integers(8)) + np.arange(int(rng.integers(5, 9)))) % 8 for _ in range(n_users)]
+    return leave_one_out(seqs, 8)
 
-    assert not np.allclose(vecs, SASRec(cfg, 8).item_vectors())
+
+CFG = SASRecConfig(hidden_size=16, n_heads=1, max_epochs=30, patience=30, dropout=0.1, attn_dropout=0.1,
+                   lr=1e-2, batch_size=32)
+
+
+def test_sasrec_item_vectors_are_trained() -> None:
+    vecs, info = sasrec_item_vectors(cycle(), CFG)
+    assert vecs.shape == (8, 16) and vecs.dtype == np.float32 and np.isfinite(vecs).all()
+    assert info["seconds"] > 0 and info["best_valid_ndcg@10"] > 0.5 and not info["cached"]
+    # vectors are not left at their random start: they differ from a fresh model's
+    assert not np.allclose(vecs, SASRec(CFG, 8).item_vectors())
+
+
+def test_sasrec_item_vectors_cache(tmp_path: Path) -> None:
+    split = cycle()
+    cfg = dataclasses.replace(CFG, max_epochs=3)
+    vecs, info = sasrec_item_vectors(split, cfg, cache_dir=tmp_path)
+    again, info2 = sasrec_item_vectors(split, cfg, cache_dir=tmp_path)
+    assert not info["cached"] and info2["cached"] and info2["seconds"] == pytest.approx(info["seconds"])
+    np.testing.assert_array_equal(vecs, again)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]  # no temporary file left
+    # another config or another split is another key
+    assert split_key(split, cfg) != split_key(split, dataclasses.replace(cfg, seed=1))
+    assert split_key(split, cfg) != split_key(cycle(seed=1), cfg)
+    assert not sasrec_item_vectors(cycle(seed=1), cfg, cache_dir=tmp_path)[1]["cached"]
+    # a damaged file is fitted again and replaced
+    for p in tmp_path.iterdir():
+        p.write_bytes(b"not an npz")
+    _, info3 = sasrec_item_vectors(split, cfg, cache_dir=tmp_path)
+    assert not info3["cached"]
+    assert sasrec_item_vectors(split, cfg, cache_dir=tmp_path)[1]["cached"]

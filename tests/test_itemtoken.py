@@ -456,7 +456,7 @@ def test_collaborative_init_starts_the_item_delta_from_sasrec(split: Split, tmp_
         model._build([f"Product {i}" for i in range(N_ITEMS)], collab=collab[:, :3])
     # fit trains a SASRec first and reports it; the result saves and loads like any other model
     model = ItemTokenLM(ItemTokenLMConfig(**{**TINY, "item_rank": 4, "tie_item_rows": True, "epochs": 2,
-                                             "collab_init": "sasrec", "collab_minutes": 0.2}), N_ITEMS)  # type: ignore[arg-type]
+                                             "collab_init": "sasrec", "collab_minutes": 0.2, "collab_cache": False}), N_ITEMS)  # type: ignore[arg-type]
     info = model.fit(split, progress=False)
     assert info["collab"] is not None and info["collab"]["seconds"] > 0
     assert model.net is not None and float(model.net.emb_rows.a.detach().abs().sum()) > 0

@@ -298,7 +298,7 @@ def test_item_embeddings_and_lr_schedule(split: Split, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rq_input", ["text+sasrec", "sasrec"])
 def test_collaborative_codes(split: Split, rq_input: str) -> None:
-    m = build_model("semantic-id", {**TINY, "use_interests": False, "max_epochs": 2, "rq_input": rq_input,
+    m = build_model("semantic-id", {**TINY, "use_interests": False, "max_epochs": 2, "rq_input": rq_input, "collab_cache": False,
                                     "collab_minutes": 0.2}, N_ITEMS)
     info = m.fit(split, progress=False)
     assert info["collab"] is not None and info["collab"]["seconds"] > 0

@@ -8,7 +8,13 @@ together. SASRec reads ``split.train`` and early-stops on ``split.valid``; ``spl
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,16 +23,64 @@ from llmrec.data.splits import Split
 from llmrec.models.sasrec import SASRec, SASRecConfig
 
 
-def sasrec_item_vectors(split: Split, config: SASRecConfig | None = None,
-                        progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+def default_cache_dir() -> Path:
+    """``$LLMREC_CACHE/collab`` (default ``~/.cache/llmrec/collab``)."""
+    from llmrec.models.semantic_ids.embed import cache_root
+
+    return cache_root() / "collab"
+
+
+def split_key(split: Split, config: SASRecConfig) -> str:
+    """sha256 of everything SASRec's fit reads: the config, the training sequences and the
+    validation histories and targets (never the test set)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    h.update(f"n_items={split.n_items};n_train={len(split.train)}".encode())
+    for seqs in (split.train, split.valid.histories, split.valid.targets):
+        for s in seqs:
+            a = np.asarray(s, dtype=np.int64)
+            h.update(len(a).to_bytes(8, "little"))
+            h.update(a.tobytes())
+        h.update(b"|")
+    h.update(np.asarray(split.valid.users, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def sasrec_item_vectors(split: Split, config: SASRecConfig | None = None, progress: bool = False,
+                        cache_dir: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit SASRec on ``split``; return its (n_items, hidden_size) float32 item vectors (dataset item
-    ids) and ``{"seconds", "best_valid_ndcg@10", "best_epoch", "stopped"}``."""
+    ids) and ``{"seconds", "best_valid_ndcg@10", "best_epoch", "stopped", "cached"}``.
+
+    With ``cache_dir`` the vectors are stored there under :func:`split_key` (written to a temporary
+    file, then renamed) and a later call on the same split and config reads them back
+    (``cached`` True; ``seconds`` stays the original fit's time, so budgets can count it).
+    """
+    cfg = config or SASRecConfig()
+    path = cache_dir / f"sasrec-{split_key(split, cfg)[:32]}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            with np.load(path) as z:
+                vecs, info = z["vectors"], json.loads(str(z["info"]))
+            if vecs.shape == (split.n_items, cfg.hidden_size):
+                return vecs.astype(np.float32), {**info, "cached": True}
+        except (OSError, ValueError, KeyError):  # damaged: fit again and overwrite
+            pass
     t0 = time.perf_counter()
-    model = SASRec(config or SASRecConfig(), split.n_items)
+    model = SASRec(cfg, split.n_items)
     fit = model.fit(split, progress=progress)
     info = {"seconds": time.perf_counter() - t0, "best_valid_ndcg@10": float(fit["best_valid_ndcg@10"]),
             "best_epoch": int(fit["best_epoch"]), "stopped": str(fit["stopped"])}
-    return model.item_vectors(), info
+    vecs = model.item_vectors()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, vectors=vecs, info=np.array(json.dumps(info)))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache must not stop training
+            pass
+    return vecs, {**info, "cached": False}
 
 
 def fit_width(vectors: np.ndarray, width: int) -> np.ndarray:

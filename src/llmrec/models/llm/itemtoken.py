@@ -92,6 +92,7 @@ class ItemTokenLMConfig:
     collab_init: Literal["none", "sasrec"] = "none"
     collab_scale: float = 1.0  # mean norm of the initial delta rows relative to the mean title row norm
     collab_minutes: float = 5.0  # SASRec's training budget (outside max_minutes; counted in train time)
+    collab_cache: bool = True  # reuse SASRec vectors fitted earlier on the same split and config
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -536,11 +537,12 @@ class ItemTokenLM(Recommender):
             collab, collab_info = None, None
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
             if cfg.collab_init == "sasrec" and not resuming:  # a resumed run restores its item rows
-                from llmrec.models.collab import fit_width, sasrec_item_vectors, unit_rms_rows
+                from llmrec.models.collab import default_cache_dir, fit_width, sasrec_item_vectors, unit_rms_rows
                 from llmrec.models.sasrec import SASRecConfig
 
                 vecs, collab_info = sasrec_item_vectors(
-                    split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress)
+                    split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress,
+                    cache_dir=default_cache_dir() if cfg.collab_cache else None)
                 collab = cfg.collab_scale * unit_rms_rows(fit_width(vecs, cfg.item_rank))
             self._build(titles, n_users=len(split.train), collab=collab)
             net = self._require_net()

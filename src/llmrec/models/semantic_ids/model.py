@@ -59,6 +59,7 @@ class SemanticIDConfig:
     rq_input: Literal["text", "text+sasrec", "sasrec"] = "text"
     collab_weight: float = 1.0  # mean norm of the SASRec part relative to the text part ("text+sasrec")
     collab_minutes: float = 10.0  # SASRec's training budget (before the generator's max_minutes)
+    collab_cache: bool = True  # reuse SASRec vectors fitted earlier on the same split and config
     rq_levels: int = 3
     rq_codebook_size: int = 256
     rq_latent_dim: int = 32
@@ -267,11 +268,12 @@ class SemanticIDRec(Recommender):
         embed_s = time.perf_counter() - t0
         collab_info = None
         if c.rq_input != "text":
-            from llmrec.models.collab import fit_width, sasrec_item_vectors, unit_rms_rows
+            from llmrec.models.collab import default_cache_dir, fit_width, sasrec_item_vectors, unit_rms_rows
             from llmrec.models.sasrec import SASRecConfig
 
             vecs, collab_info = sasrec_item_vectors(
-                split, SASRecConfig(max_minutes=c.collab_minutes, seed=c.seed), progress=progress)
+                split, SASRecConfig(max_minutes=c.collab_minutes, seed=c.seed), progress=progress,
+                cache_dir=default_cache_dir() if c.collab_cache else None)
             col = unit_rms_rows(fit_width(vecs, vecs.shape[1]))  # (N, 64) centred, mean norm 1
             emb = c.collab_weight * col if c.rq_input == "sasrec" else \
                 np.concatenate([unit_rms_rows(emb), c.collab_weight * col], axis=1)  # (N, E + 64)
