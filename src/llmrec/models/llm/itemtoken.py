@@ -537,7 +537,12 @@ class ItemTokenLM(Recommender):
             collab, collab_info = None, None
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
             if cfg.collab_init == "sasrec" and not resuming:  # a resumed run restores its item rows
-                from llmrec.models.collab import default_cache_dir, fit_width, sasrec_item_vectors, unit_rms_rows
+                from llmrec.models.collab import (
+                    default_cache_dir,
+                    fit_width,
+                    sasrec_item_vectors,
+                    unit_rms_rows,
+                )
                 from llmrec.models.sasrec import SASRecConfig
 
                 vecs, collab_info = sasrec_item_vectors(
