@@ -464,3 +464,34 @@ def test_collaborative_init_starts_the_item_delta_from_sasrec(split: Split, tmp_
     hists = split.test.histories[:5]
     np.testing.assert_allclose(ItemTokenLM.load(tmp_path / "m").score(hists), model.score(hists),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_collab_prompt_closes_the_prompt_with_the_sasrec_state(split: Split, tmp_path: Path) -> None:
+    cfg = {**TINY, "collab_prompt": True, "collab_minutes": 0.2, "collab_cache": False, "epochs": 3}
+    model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
+    model.fit(split, progress=False)
+    net = model.net
+    assert net is not None and net.state_proj is not None and model.collab_model is not None
+    hist = split.test.histories[0]
+    ids = model.prompt_ids(hist)
+    assert ids[-1] == net.state_id and (ids == net.state_id).sum() == 1  # last token, only there
+    assert model.tokenizer.convert_ids_to_tokens(int(net.state_id)) == "<|llmrec_state|>"
+    # training examples: dense labels sit before the state token; only the answer position sees it
+    ex = model._epoch_examples(split.train, 0)[0]
+    state_pos = int(np.flatnonzero(ex[0] == net.state_id)[0])
+    assert ex[2][state_pos] and ex[1][state_pos] != IGNORE and not ex[2][:state_pos].any()
+    assert ex[3].shape == (model.collab_model.config.hidden_size,)
+    # the state matters: another SASRec state changes the scores; no state is an error
+    with pytest.raises(RuntimeError, match="using_states"):
+        net.hidden(torch.as_tensor(ids)[None])
+    hists = split.test.histories[:5]
+    before = model.score(hists)
+    model.state_scale *= 3.0
+    assert np.abs(model.score(hists) - before).max() > 1e-4
+    model.state_scale /= 3.0
+    lists = model.generate_lists(hists, k=5, mode="beam")
+    assert (lists >= 0).all() and (lists < N_ITEMS).all()
+    model.save(tmp_path / "m")
+    loaded = ItemTokenLM.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(loaded.generate_lists(hists, k=5, mode="beam"), lists)

@@ -46,41 +46,48 @@ def split_key(split: Split, config: SASRecConfig) -> str:
     return h.hexdigest()
 
 
-def sasrec_item_vectors(split: Split, config: SASRecConfig | None = None, progress: bool = False,
-                        cache_dir: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Fit SASRec on ``split``; return its (n_items, hidden_size) float32 item vectors (dataset item
-    ids) and ``{"seconds", "best_valid_ndcg@10", "best_epoch", "stopped", "cached"}``.
+def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool = False,
+               cache_dir: Path | None = None) -> tuple[SASRec, dict[str, Any]]:
+    """A SASRec fitted on ``split`` (early stopping on ``split.valid``) and
+    ``{"seconds", "best_valid_ndcg@10", "best_epoch", "stopped", "cached"}``.
 
-    With ``cache_dir`` the vectors are stored there under :func:`split_key` (written to a temporary
-    file, then renamed) and a later call on the same split and config reads them back
+    With ``cache_dir`` the fitted weights are stored there under :func:`split_key` (written to a
+    temporary file, then renamed) and a later call on the same split and config loads them
     (``cached`` True; ``seconds`` stays the original fit's time, so budgets can count it).
     """
     cfg = config or SASRecConfig()
     path = cache_dir / f"sasrec-{split_key(split, cfg)[:32]}.npz" if cache_dir is not None else None
+    model = SASRec(cfg, split.n_items)
     if path is not None and path.exists():
         try:
             with np.load(path) as z:
-                vecs, info = z["vectors"], json.loads(str(z["info"]))
-            if vecs.shape == (split.n_items, cfg.hidden_size):
-                return vecs.astype(np.float32), {**info, "cached": True}
-        except (OSError, ValueError, KeyError):  # damaged: fit again and overwrite
-            pass
+                info = json.loads(str(z["__info__"]))
+                model._load_state({k: z[k] for k in z.files if k != "__info__"}, {})
+            return model, {**info, "cached": True}
+        except (OSError, ValueError, KeyError, RuntimeError):  # damaged or foreign: fit again, overwrite
+            model = SASRec(cfg, split.n_items)
     t0 = time.perf_counter()
-    model = SASRec(cfg, split.n_items)
     fit = model.fit(split, progress=progress)
     info = {"seconds": time.perf_counter() - t0, "best_valid_ndcg@10": float(fit["best_valid_ndcg@10"]),
             "best_epoch": int(fit["best_epoch"]), "stopped": str(fit["stopped"])}
-    vecs = model.item_vectors()
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            tensors, _ = model._state()
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, vectors=vecs, info=np.array(json.dumps(info)))
+                np.savez(f, __info__=np.array(json.dumps(info)), **tensors)
             os.replace(tmp, path)
         except OSError:  # a read-only cache must not stop training
             pass
-    return vecs, {**info, "cached": False}
+    return model, {**info, "cached": False}
+
+
+def sasrec_item_vectors(split: Split, config: SASRecConfig | None = None, progress: bool = False,
+                        cache_dir: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """(n_items, hidden_size) float32 item vectors (dataset item ids) of :func:`fit_sasrec`, and its info."""
+    model, info = fit_sasrec(split, config, progress, cache_dir)
+    return model.item_vectors(), info
 
 
 def fit_width(vectors: np.ndarray, width: int) -> np.ndarray:

@@ -367,10 +367,19 @@ class SASRec(Recommender):
 
     def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32 next-item logits for each history of dataset item ids."""
+        out_emb = self.net.item_emb.weight[1:]  # (n_items, H)
+        return self._last_hidden(histories, lambda h: h @ out_emb.T, self.n_items)
+
+    def user_states(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, hidden_size) float32 final hidden state of each history (its logits are this @ item_vectors().T)."""
+        return self._last_hidden(histories, lambda h: h, self.config.hidden_size)
+
+    def _last_hidden(self, histories: Sequence[np.ndarray], head: Any, width: int) -> np.ndarray:
+        """``head`` applied to the (b, H) last-position hidden states of batches of histories: (n, width)."""
         old_threads = self._set_threads()
         self.net.eval()
         L, bs = self.config.max_len, self.config.eval_batch_size
-        out = np.empty((len(histories), self.n_items), dtype=np.float32)
+        out = np.empty((len(histories), width), dtype=np.float32)
         hists = [np.asarray(h, dtype=np.int64)[-L:] + 1 for h in histories]  # shifted ids
         order = np.argsort([len(h) for h in hists], kind="stable")  # similar lengths share a batch
         try:
@@ -378,10 +387,9 @@ class SASRec(Recommender):
                 for s in range(0, len(hists), bs):
                     rows = order[s : s + bs]
                     chunk = [hists[i] for i in rows]
-                    width = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty
-                    tokens = torch.from_numpy(left_pad(chunk, width, fill=0)).to(self.device)  # (b, width)
-                    logits, _ = self.net(tokens)  # (b, n_items)
-                    out[rows] = logits.float().cpu().numpy()
+                    w = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty
+                    tokens = torch.from_numpy(left_pad(chunk, w, fill=0)).to(self.device)  # (b, w)
+                    out[rows] = head(self.net.hidden(tokens)[:, -1, :]).float().cpu().numpy()
         finally:
             torch.set_num_threads(old_threads)
         return out

@@ -29,13 +29,14 @@ sample of validation users), a wall-clock budget, and checkpoints that resume af
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,8 @@ from llmrec.models.llm.prompts import (
     user_token,
 )
 from llmrec.models.training import EarlyStopping, lr_factor
+
+STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_prompt``
 
 
 @dataclass
@@ -92,7 +95,10 @@ class ItemTokenLMConfig:
     collab_init: Literal["none", "sasrec"] = "none"
     collab_scale: float = 1.0  # mean norm of the initial delta rows relative to the mean title row norm
     collab_minutes: float = 5.0  # SASRec's training budget (outside max_minutes; counted in train time)
-    collab_cache: bool = True  # reuse SASRec vectors fitted earlier on the same split and config
+    collab_cache: bool = True  # reuse a SASRec fitted earlier on the same split and config
+    # A-LLMRec-style soft prompt: the frozen SASRec's final state of the history, through a trainable
+    # linear map, is the last prompt token (after the template), so only the answer positions see it
+    collab_prompt: bool = False
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -195,7 +201,7 @@ class ItemTokenNet(nn.Module):
 
     def __init__(self, lm: nn.Module, n_base: int, item_emb: torch.Tensor, item_head: torch.Tensor,
                  rank: int = 0, tie: bool = False, head_scale: float = 1.0, item_dropout: float = 0.0,
-                 user_emb: torch.Tensor | None = None) -> None:
+                 user_emb: torch.Tensor | None = None, state_dim: int = 0) -> None:
         super().__init__()
         self.lm = lm  # the HF model, possibly wrapped by peft
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -212,6 +218,25 @@ class ItemTokenNet(nn.Module):
         self.item_drop = nn.Dropout(item_dropout)
         # user rows (U + 1, H) follow the item rows in the token id space: token n_base + R + u
         self.user_rows = ItemRows(user_emb, rank) if user_emb is not None else None
+        # the history-state token comes after them; its embedding is state_proj(states[b]) for row b
+        self.state_id = self.n_base + self.n_rows + (0 if user_emb is None else int(user_emb.shape[0]))
+        self.state_proj: nn.Linear | None = None
+        if state_dim:
+            self.state_proj = nn.Linear(state_dim, item_emb.shape[1], bias=False)
+            std = float(item_emb.std()) if item_emb.numel() > 1 else 1.0
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(state_dim * 7919 + item_emb.shape[1])
+                self.state_proj.weight.normal_(0.0, std or 1.0)  # unit-norm states -> rows as large as items
+        self.states: torch.Tensor | None = None  # (B, state_dim) of the batch being run (see using_states)
+
+    @contextlib.contextmanager
+    def using_states(self, states: torch.Tensor | None) -> Iterator[None]:
+        """Run the block with ``states`` (B, state_dim): row b's state token embeds ``state_proj(states[b])``."""
+        old, self.states = self.states, states
+        try:
+            yield
+        finally:
+            self.states = old
 
     @property
     def item_emb(self) -> torch.Tensor:
@@ -242,9 +267,15 @@ class ItemTokenNet(nn.Module):
         items = self.item_drop(F.embedding(torch.where(is_item, ids - self.n_base, 0), self.item_emb))  # (B, L, H)
         out = torch.where(is_item[..., None], items.to(base.dtype), base)
         if self.user_rows is not None:
-            is_user = ids >= first_user
+            is_user = (ids >= first_user) & (ids < self.state_id)
             users = F.embedding(torch.where(is_user, ids - first_user, 0), self.user_rows())  # (B, L, H)
             out = torch.where(is_user[..., None], self.item_drop(users).to(base.dtype), out)
+        is_state = ids == self.state_id
+        if self.state_proj is not None and bool(is_state.any()):
+            if self.states is None or self.states.shape[0] != ids.shape[0]:
+                raise RuntimeError("the prompts hold history-state tokens: run them inside net.using_states(states)")
+            vec = self.state_proj(self.states.to(self.state_proj.weight.dtype))  # (B, H)
+            out = torch.where(is_state[..., None], vec[:, None, :].to(out.dtype), out)
         return out
 
     def hidden(
@@ -310,6 +341,8 @@ class ItemTokenLM(Recommender):
         self.titles: list[str] = []
         self.n_users = 0  # users with their own token (``user_tokens``); row n_users is the unknown user
         self.device = torch.device(config.device)
+        self.collab_model: Any = None  # the frozen SASRec of ``collab_prompt``
+        self.state_scale = 1.0  # SASRec states are multiplied by this (mean training state norm -> 1)
 
     # --- construction -------------------------------------------------------------------
     @property
@@ -318,7 +351,7 @@ class ItemTokenLM(Recommender):
         return self.n_items
 
     def _build(self, titles: Sequence[str], init_rows: bool = True, n_users: int = 0,
-               collab: np.ndarray | None = None) -> None:
+               collab: np.ndarray | None = None, state_dim: int = 0) -> None:
         """Load the backbone, add item tokens, initialize item rows from titles, attach LoRA.
 
         ``collab`` (n_items, item_rank): the initial low-rank factor ``a`` of the item rows, so
@@ -342,6 +375,8 @@ class ItemTokenLM(Recommender):
         self.n_users = int(n_users) if cfg.user_tokens else 0
         if cfg.user_tokens:  # users 0..U-1, then the shared row of users unseen in training
             new_tokens += [user_token(u) for u in range(self.n_users)] + [user_token("UNK")]
+        if state_dim:
+            new_tokens.append(STATE_TOKEN)
         title_ids = tok([" " + t for t in self.titles], add_special_tokens=False)["input_ids"]
         tok.add_tokens(new_tokens, special_tokens=True)
         if tok.convert_tokens_to_ids(item_token(0)) != n_base and self.n_items:
@@ -383,7 +418,8 @@ class ItemTokenLM(Recommender):
         # the new item rows always train in float32, whatever dtype the (frozen) backbone has
         self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
                                 tie=cfg.tie_item_rows, head_scale=cfg.head_init_scale,
-                                item_dropout=cfg.item_dropout, user_emb=user_emb).to(self.device)
+                                item_dropout=cfg.item_dropout, user_emb=user_emb,
+                                state_dim=state_dim).to(self.device)
         if collab is not None:
             if collab.shape != (self.n_items, cfg.item_rank):
                 raise ValueError(f"collab vectors have shape {collab.shape}, expected ({self.n_items}, {cfg.item_rank})")
@@ -451,7 +487,8 @@ class ItemTokenLM(Recommender):
         assert self.prompts is not None
         rng = np.random.default_rng([cfg.seed, epoch])
         k = cfg.next_k if cfg.target == "next-k" else 1
-        examples = []
+        examples: list[tuple[np.ndarray, ...]] = []
+        prefixes: list[np.ndarray] = []
         for user, seq in enumerate(train):
             seq = np.asarray(seq, dtype=np.int64)
             ratings, reviews = self._feedback_of(user, seq)
@@ -470,10 +507,29 @@ class ItemTokenLM(Recommender):
                 if len(answer) == 0:
                     continue
                 prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1, lead=self._lead(user),
-                                            ratings=None if ratings is None else ratings[:t],
+                                            tail=self._tail(), ratings=None if ratings is None else ratings[:t],
                                             reviews=None if reviews is None else reviews[:t])
                 examples.append(training_example(prompt, answer, self.prompts.n_base, dense=cfg.dense))
+                prefixes.append(seq[:t])
+        if cfg.collab_prompt and examples:  # the SASRec state of each example's history
+            states = self._states_of(prefixes)  # (n_examples, d)
+            examples = [(*e, st) for e, st in zip(examples, states, strict=True)]
         return examples
+
+    def _tail(self) -> tuple[int, ...]:
+        """Token ids that close the prompt: the history-state token (``collab_prompt``), else none."""
+        return (self._require_net().state_id,) if self.config.collab_prompt else ()
+
+    def _states_of(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(n, d) float32 scaled SASRec states of histories (``collab_prompt``)."""
+        if self.collab_model is None:
+            raise RuntimeError("itemtoken-lm: collab_prompt needs its SASRec (fit or load the model)")
+        return self.collab_model.user_states(histories) * np.float32(self.state_scale)
+
+    def _batch_states(self, examples: Sequence[tuple[np.ndarray, ...]], rows: Any) -> torch.Tensor | None:
+        if not self.config.collab_prompt:
+            return None
+        return torch.from_numpy(np.stack([examples[i][3] for i in rows])).to(self.device)
 
     def _batches(self, n_examples: int, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:
         """Shuffled batches of similar-length examples (deterministic per seed and epoch)."""
@@ -534,22 +590,24 @@ class ItemTokenLM(Recommender):
         old_threads = self._set_threads()
         start = time.perf_counter()
         try:
-            collab, collab_info = None, None
+            collab, collab_info, state_dim = None, None, 0
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
-            if cfg.collab_init == "sasrec" and not resuming:  # a resumed run restores its item rows
-                from llmrec.models.collab import (
-                    default_cache_dir,
-                    fit_width,
-                    sasrec_item_vectors,
-                    unit_rms_rows,
-                )
+            init_collab = cfg.collab_init == "sasrec" and not resuming  # a resumed run restores its item rows
+            if init_collab or cfg.collab_prompt:
+                from llmrec.models.collab import default_cache_dir, fit_sasrec, fit_width, unit_rms_rows
                 from llmrec.models.sasrec import SASRecConfig
 
-                vecs, collab_info = sasrec_item_vectors(
+                sasrec, collab_info = fit_sasrec(
                     split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress,
                     cache_dir=default_cache_dir() if cfg.collab_cache else None)
-                collab = cfg.collab_scale * unit_rms_rows(fit_width(vecs, cfg.item_rank))
-            self._build(titles, n_users=len(split.train), collab=collab)
+                if init_collab:
+                    collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank))
+                if cfg.collab_prompt:
+                    self.collab_model = sasrec
+                    state_dim = sasrec.config.hidden_size
+                    norms = np.linalg.norm(sasrec.user_states([s for s in split.train if len(s)]), axis=1)
+                    self.state_scale = float(1.0 / max(float(norms.mean()), 1e-8)) if len(norms) else 1.0
+            self._build(titles, n_users=len(split.train), collab=collab, state_dim=state_dim)
             net = self._require_net()
             state = self.trainable_state()
             item_params = [p for p in net.item_state().values() if isinstance(p, nn.Parameter)]
@@ -618,7 +676,7 @@ class ItemTokenLM(Recommender):
                         ids = self._pad([examples[i][0] for i in b], 0)
                         labels = self._pad([examples[i][1] for i in b], IGNORE)
                         amask = self._pad([examples[i][2] for i in b], False)
-                        with autocast(cfg.amp, self.device):
+                        with autocast(cfg.amp, self.device), net.using_states(self._batch_states(examples, b)):
                             loss = self.loss(ids, labels, amask) / len(micro)
                         loss.backward()
                         losses.append(float(loss.detach()) * len(micro))
@@ -688,7 +746,8 @@ class ItemTokenLM(Recommender):
         assert self.prompts is not None
         history = np.asarray(history, dtype=np.int64)
         ratings, reviews = self._feedback_of(user, history)
-        return self.prompts.build(history, ratings=ratings, reviews=reviews, lead=self._lead(user)).ids
+        return self.prompts.build(history, ratings=ratings, reviews=reviews, lead=self._lead(user),
+                                  tail=self._tail()).ids
 
     def render(self, history: np.ndarray, user: int | None = None) -> str:
         """The prompt for ``history`` as text (item tokens shown as ``<|item_i|>``)."""
@@ -700,6 +759,7 @@ class ItemTokenLM(Recommender):
         old_threads = self._set_threads()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
+        states = self._all_states(histories)
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         bs = self.config.eval_batch_size
         try:
@@ -708,12 +768,19 @@ class ItemTokenLM(Recommender):
                     rows = order[s : s + bs]
                     ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
                     last = torch.tensor([len(prompts[i]) - 1 for i in rows], device=self.device)  # (b,)
-                    h, _ = net.hidden(ids)  # (b, L, H)
+                    with net.using_states(None if states is None else states[torch.as_tensor(rows)]):
+                        h, _ = net.hidden(ids)  # (b, L, H)
                     logits = net.item_logits(h[torch.arange(len(rows)), last])  # (b, R)
                     out[rows] = logits[:, : self.n_items].float().cpu().numpy()
         finally:
             torch.set_num_threads(old_threads)
         return out
+
+    def _all_states(self, histories: Sequence[np.ndarray]) -> torch.Tensor | None:
+        """(n, d) scaled SASRec states on the model's device (``collab_prompt``), else None."""
+        if not self.config.collab_prompt:
+            return None
+        return torch.from_numpy(self._states_of(histories)).to(self.device)
 
     def generate_lists(
         self, histories: Sequence[np.ndarray], k: int = 10, mode: Literal["beam", "greedy", "fast"] = "beam",
@@ -740,6 +807,7 @@ class ItemTokenLM(Recommender):
         if mode not in ("beam", "greedy"):
             raise ValueError(f"unknown decoding mode {mode!r}")
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
+        states = self._all_states(histories)
         try:
             with autocast(self.config.amp, self.device):
                 if mode == "beam":  # batched: users of similar prompt length share a batch
@@ -749,11 +817,13 @@ class ItemTokenLM(Recommender):
                         rows = order[s : s + bs]
                         banned = [np.asarray(histories[i], dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
                                   for i in rows]
-                        out[rows], _ = constrained_beam_search_batch(net, [prompts[i] for i in rows], trie, k,
-                                                                     self.config.beam_size, banned)
+                        with net.using_states(None if states is None else states[torch.as_tensor(rows)]):
+                            out[rows], _ = constrained_beam_search_batch(net, [prompts[i] for i in rows], trie, k,
+                                                                         self.config.beam_size, banned)
                 else:
                     for i, ids in enumerate(prompts):
-                        out[i] = greedy_generate(net, ids, self.n_items, k)
+                        with net.using_states(None if states is None else states[i : i + 1]):
+                            out[i] = greedy_generate(net, ids, self.n_items, k)
         finally:
             torch.set_num_threads(old_threads)
         return out
@@ -763,12 +833,30 @@ class ItemTokenLM(Recommender):
         tensors = {n: p.detach().float().cpu().numpy().copy() for n, p in self.trainable_state().items()}
         extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
                  "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
+        if self.collab_model is not None:  # the frozen SASRec of collab_prompt travels with the model
+            sas_tensors, _ = self.collab_model._state()
+            tensors.update({f"collab.{k}": v for k, v in sas_tensors.items()})
+            extra["collab_prompt"] = {"sasrec_config": asdict(self.collab_model.config), "state_scale": self.state_scale}
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        state_dim = 0
+        if self.config.collab_prompt:
+            from llmrec.config import from_dict
+            from llmrec.models.sasrec import SASRec, SASRecConfig
+
+            if "collab_prompt" not in extra:
+                raise ValueError("itemtoken-lm: collab_prompt is set but the saved model has no SASRec")
+            sas_cfg = from_dict(SASRecConfig, extra["collab_prompt"]["sasrec_config"])
+            self.collab_model = SASRec(sas_cfg, self.n_items)
+            self.collab_model._load_state({k[len("collab."):]: v for k, v in tensors.items()
+                                           if k.startswith("collab.")}, {})
+            self.state_scale = float(extra["collab_prompt"]["state_scale"])
+            state_dim = sas_cfg.hidden_size
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}
         old = self._set_threads()
         try:
-            self._build(extra["titles"], init_rows=False, n_users=int(extra.get("n_users", 0)))
+            self._build(extra["titles"], init_rows=False, n_users=int(extra.get("n_users", 0)), state_dim=state_dim)
         finally:
             torch.set_num_threads(old)
         if self._require_net().n_base != extra["n_base"]:

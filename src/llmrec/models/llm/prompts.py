@@ -144,15 +144,17 @@ class PromptBuilder:
         ratings: Sequence[float | None] | None = None,
         reviews: Sequence[str | None] | None = None,
         lead: Sequence[int] = (),
+        tail: Sequence[int] = (),
     ) -> Prompt:
         """The prompt for ``history`` (chronological item ids), leaving ``reserve`` tokens for the answer.
 
         Segments are taken from the newest end until the budget ``max_tokens - reserve`` is used;
         at least the newest item token is always kept. ``lead`` token ids (a user token) come
-        right after the template's prefix.
+        right after the template's prefix, ``tail`` ids (a history-state token) after its suffix,
+        so that only the answer positions see them.
         """
         history = np.asarray(history, dtype=np.int64)
-        budget = self.max_tokens - reserve - len(self.prefix) - len(self.suffix) - len(lead)
+        budget = self.max_tokens - reserve - len(self.prefix) - len(self.suffix) - len(lead) - len(tail)
         segs: list[list[int]] = []
         used = 0
         start = max(0, len(history) - self.max_history)
@@ -175,6 +177,7 @@ class PromptBuilder:
             ids.extend(seg)
             ends.append(len(ids) - 1)
         ids.extend(self.suffix)
+        ids.extend(int(t) for t in tail)
         kept = history[len(history) - len(segs):] if segs else history[:0]
         return Prompt(np.asarray(ids, dtype=np.int64), np.asarray(ends, dtype=np.int64), kept)
 
