@@ -466,8 +466,8 @@ def test_collaborative_init_starts_the_item_delta_from_sasrec(split: Split, tmp_
                                rtol=1e-4, atol=1e-4)
 
 
-def test_collab_prompt_closes_the_prompt_with_the_sasrec_state(split: Split, tmp_path: Path) -> None:
-    cfg = {**TINY, "collab_prompt": True, "collab_minutes": 0.2, "collab_cache": False, "epochs": 3}
+def test_collab_state_token_closes_the_prompt(split: Split, tmp_path: Path) -> None:
+    cfg = {**TINY, "collab_state": "token", "collab_minutes": 0.2, "collab_cache": False, "epochs": 3}
     model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
     model.fit(split, progress=False)
     net = model.net
@@ -480,7 +480,8 @@ def test_collab_prompt_closes_the_prompt_with_the_sasrec_state(split: Split, tmp
     ex = model._epoch_examples(split.train, 0)[0]
     state_pos = int(np.flatnonzero(ex[0] == net.state_id)[0])
     assert ex[2][state_pos] and ex[1][state_pos] != IGNORE and not ex[2][:state_pos].any()
-    assert ex[3].shape == (model.collab_model.config.hidden_size,)
+    assert ex[3].shape == (len(ex[0]), model.collab_model.config.hidden_size)
+    assert np.flatnonzero(np.abs(ex[3]).sum(1) > 0).tolist() == [state_pos]  # only the state token
     # the state matters: another SASRec state changes the scores; no state is an error
     with pytest.raises(RuntimeError, match="using_states"):
         net.hidden(torch.as_tensor(ids)[None])
@@ -495,3 +496,39 @@ def test_collab_prompt_closes_the_prompt_with_the_sasrec_state(split: Split, tmp
     loaded = ItemTokenLM.load(tmp_path / "m")
     np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(loaded.generate_lists(hists, k=5, mode="beam"), lists)
+
+
+@pytest.mark.parametrize("target", ["next-item", "next-k"])
+def test_collab_state_items_adds_causal_sasrec_states(split: Split, tmp_path: Path, target: str) -> None:
+    cfg = {**TINY, "collab_state": "items", "collab_minutes": 0.2, "collab_cache": False, "epochs": 2,
+           "target": target, "next_k": 3}
+    model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
+    model.fit(split, progress=False)
+    net, sas = model.net, model.collab_model
+    assert net is not None and sas is not None
+    seq = split.train[0]
+    ids = model.prompt_ids(seq)
+    assert net.state_id not in ids  # no extra token in this mode
+    (st,) = model._aligned_states([ids], [seq])
+    item_pos = np.flatnonzero((ids >= net.n_base) & (ids < net.n_base + N_ITEMS))
+    assert len(item_pos) == min(len(seq), TINY["max_prompt_tokens"]) and np.abs(st).sum(1)[item_pos].min() > 0
+    assert not np.delete(st, item_pos, axis=0).any()  # template tokens get nothing
+    # causal: the state at the j-th item is SASRec's state of the history up to that item only
+    j = len(seq) // 2
+    np.testing.assert_allclose(st[item_pos[j]], sas.user_states([seq[: j + 1]])[0] * model.state_scale,
+                               rtol=1e-4, atol=1e-5)
+    # training examples carry states aligned with their ids, answer items fed as input included
+    for ex in model._epoch_examples(split.train, 0)[:20]:
+        fed = np.flatnonzero((ex[0] >= net.n_base) & (ex[0] < net.n_base + N_ITEMS))
+        assert ex[3].shape == (len(ex[0]), sas.config.hidden_size)
+        assert np.flatnonzero(np.abs(ex[3]).sum(1) > 0).tolist() == fed.tolist()
+    hists = split.test.histories[:5]
+    before = model.score(hists)
+    model.state_scale *= 3.0
+    assert np.abs(model.score(hists) - before).max() > 1e-4  # the states change the scores
+    model.state_scale /= 3.0
+    lists = model.generate_lists(hists, k=5, mode="beam")
+    assert (lists >= 0).all() and (lists < N_ITEMS).all()
+    model.save(tmp_path / "m")
+    loaded = ItemTokenLM.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)

@@ -61,7 +61,7 @@ from llmrec.models.llm.prompts import (
 )
 from llmrec.models.training import EarlyStopping, lr_factor
 
-STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_prompt``
+STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_state = "token"``
 
 
 @dataclass
@@ -96,9 +96,12 @@ class ItemTokenLMConfig:
     collab_scale: float = 1.0  # mean norm of the initial delta rows relative to the mean title row norm
     collab_minutes: float = 5.0  # SASRec's training budget (outside max_minutes; counted in train time)
     collab_cache: bool = True  # reuse a SASRec fitted earlier on the same split and config
-    # A-LLMRec-style soft prompt: the frozen SASRec's final state of the history, through a trainable
-    # linear map, is the last prompt token (after the template), so only the answer positions see it
-    collab_prompt: bool = False
+    # SASRec states in the prompt (a frozen SASRec fitted on the same split; a trainable linear map):
+    # "token": its state of the whole history is one token closing the prompt (A-LLMRec-style soft prompt),
+    #          seen by the answer positions only;
+    # "items": its state after each history item is added to that item token's embedding (causal: the
+    #          state of item t has seen items <= t only), so every dense position sees it too.
+    collab_state: Literal["none", "token", "items"] = "none"
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -227,11 +230,13 @@ class ItemTokenNet(nn.Module):
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(state_dim * 7919 + item_emb.shape[1])
                 self.state_proj.weight.normal_(0.0, std or 1.0)  # unit-norm states -> rows as large as items
-        self.states: torch.Tensor | None = None  # (B, state_dim) of the batch being run (see using_states)
+        self.states: torch.Tensor | None = None  # (B, L, state_dim) of the batch being run (see using_states)
 
     @contextlib.contextmanager
     def using_states(self, states: torch.Tensor | None) -> Iterator[None]:
-        """Run the block with ``states`` (B, state_dim): row b's state token embeds ``state_proj(states[b])``."""
+        """Run the block with ``states`` (B, L, state_dim) aligned with the input ids: position (b, l)
+        adds ``state_proj(states[b, l])`` to its embedding (zero rows add nothing); a state token's
+        embedding is that vector alone. Calls whose ids are not (B, L) (later decoding steps) get none."""
         old, self.states = self.states, states
         try:
             yield
@@ -270,13 +275,16 @@ class ItemTokenNet(nn.Module):
             is_user = (ids >= first_user) & (ids < self.state_id)
             users = F.embedding(torch.where(is_user, ids - first_user, 0), self.user_rows())  # (B, L, H)
             out = torch.where(is_user[..., None], self.item_drop(users).to(base.dtype), out)
-        is_state = ids == self.state_id
-        if self.state_proj is not None and bool(is_state.any()):
-            if self.states is None or self.states.shape[0] != ids.shape[0]:
+        if self.state_proj is None:
+            return out
+        is_state = ids == self.state_id  # (B, L)
+        states = self.states
+        if states is None or tuple(states.shape[:2]) != tuple(ids.shape):
+            if bool(is_state.any()):
                 raise RuntimeError("the prompts hold history-state tokens: run them inside net.using_states(states)")
-            vec = self.state_proj(self.states.to(self.state_proj.weight.dtype))  # (B, H)
-            out = torch.where(is_state[..., None], vec[:, None, :].to(out.dtype), out)
-        return out
+            return out
+        vec = self.state_proj(states.to(self.state_proj.weight.dtype)).to(out.dtype)  # (B, L, H)
+        return torch.where(is_state[..., None], vec, out + vec)
 
     def hidden(
         self, ids: torch.Tensor, past_key_values: Any = None, use_cache: bool = False,
@@ -341,7 +349,7 @@ class ItemTokenLM(Recommender):
         self.titles: list[str] = []
         self.n_users = 0  # users with their own token (``user_tokens``); row n_users is the unknown user
         self.device = torch.device(config.device)
-        self.collab_model: Any = None  # the frozen SASRec of ``collab_prompt``
+        self.collab_model: Any = None  # the frozen SASRec of ``collab_state``
         self.state_scale = 1.0  # SASRec states are multiplied by this (mean training state norm -> 1)
 
     # --- construction -------------------------------------------------------------------
@@ -510,26 +518,66 @@ class ItemTokenLM(Recommender):
                                             tail=self._tail(), ratings=None if ratings is None else ratings[:t],
                                             reviews=None if reviews is None else reviews[:t])
                 examples.append(training_example(prompt, answer, self.prompts.n_base, dense=cfg.dense))
-                prefixes.append(seq[:t])
-        if cfg.collab_prompt and examples:  # the SASRec state of each example's history
-            states = self._states_of(prefixes)  # (n_examples, d)
+                fed = [a for a in answer[:-1] if a < self.n_items]  # answer items fed as input (next-k)
+                prefixes.append(seq[:t] if cfg.collab_state == "token" else np.concatenate([seq[:t], fed]))
+        if cfg.collab_state != "none" and examples:  # SASRec states aligned with each example's ids
+            states = self._aligned_states([e[0] for e in examples], prefixes)
             examples = [(*e, st) for e, st in zip(examples, states, strict=True)]
         return examples
 
     def _tail(self) -> tuple[int, ...]:
-        """Token ids that close the prompt: the history-state token (``collab_prompt``), else none."""
-        return (self._require_net().state_id,) if self.config.collab_prompt else ()
+        """Token ids that close the prompt: the history-state token (``collab_state = "token"``), else none."""
+        return (self._require_net().state_id,) if self.config.collab_state == "token" else ()
 
-    def _states_of(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, d) float32 scaled SASRec states of histories (``collab_prompt``)."""
+    def _aligned_states(self, ids: Sequence[np.ndarray], histories: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """For each token sequence ``ids[i]`` (L_i,) built from ``histories[i]``: (L_i, d) float32 scaled
+        SASRec states, zero where a position gets none. ``token``: the state of the whole history at
+        the state token. ``items``: the m item tokens of ``ids[i]`` are the last m items of
+        ``histories[i]`` in order (history items, then any answer items fed as input); each gets the
+        state of the history up to and including its item."""
+        net = self._require_net()
         if self.collab_model is None:
-            raise RuntimeError("itemtoken-lm: collab_prompt needs its SASRec (fit or load the model)")
-        return self.collab_model.user_states(histories) * np.float32(self.state_scale)
+            raise RuntimeError("itemtoken-lm: collab_state needs its SASRec (fit or load the model)")
+        d = self.collab_model.config.hidden_size
+        out = [np.zeros((len(x), d), dtype=np.float32) for x in ids]
+        scale = np.float32(self.state_scale)
+        if self.config.collab_state == "token":
+            states = self.collab_model.user_states(histories) * scale  # (n, d)
+            for o, x, st in zip(out, ids, states, strict=True):
+                o[np.asarray(x) == net.state_id] = st
+            return out
+        pos = [np.flatnonzero((np.asarray(x) >= net.n_base) & (np.asarray(x) < net.n_base + self.n_items)) for x in ids]
+        # the state at an item is SASRec's state of the history up to that item, computed on that prefix
+        # alone (SASRec's positions count from the newest item, so a longer input would shift them)
+        prefixes, owner = [], []
+        for i, (h, p) in enumerate(zip(histories, pos, strict=True)):
+            h = np.asarray(h, dtype=np.int64)
+            m = min(len(p), len(h))
+            prefixes.extend(h[: len(h) - m + j + 1] for j in range(m))
+            owner.append(m)
+        states = self.collab_model.user_states(prefixes) * scale if prefixes else np.zeros((0, d), np.float32)
+        start = 0
+        for o, p, m in zip(out, pos, owner, strict=True):
+            if m:
+                o[p[-m:]] = states[start : start + m]
+            start += m
+        return out
+
+    def _stack_states(self, states: Sequence[np.ndarray], left: bool = False) -> torch.Tensor:
+        """(B, L_max, d) of per-row (L_i, d) states, zero-padded on the right (or the left)."""
+        width = max(len(x) for x in states)
+        out = np.zeros((len(states), width, states[0].shape[1]), dtype=np.float32)
+        for i, x in enumerate(states):
+            if left:
+                out[i, width - len(x):] = x
+            else:
+                out[i, : len(x)] = x
+        return torch.from_numpy(out).to(self.device)
 
     def _batch_states(self, examples: Sequence[tuple[np.ndarray, ...]], rows: Any) -> torch.Tensor | None:
-        if not self.config.collab_prompt:
+        if self.config.collab_state == "none":
             return None
-        return torch.from_numpy(np.stack([examples[i][3] for i in rows])).to(self.device)
+        return self._stack_states([examples[i][3] for i in rows])
 
     def _batches(self, n_examples: int, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:
         """Shuffled batches of similar-length examples (deterministic per seed and epoch)."""
@@ -593,7 +641,7 @@ class ItemTokenLM(Recommender):
             collab, collab_info, state_dim = None, None, 0
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
             init_collab = cfg.collab_init == "sasrec" and not resuming  # a resumed run restores its item rows
-            if init_collab or cfg.collab_prompt:
+            if init_collab or cfg.collab_state != "none":
                 from llmrec.models.collab import default_cache_dir, fit_sasrec, fit_width, unit_rms_rows
                 from llmrec.models.sasrec import SASRecConfig
 
@@ -602,7 +650,7 @@ class ItemTokenLM(Recommender):
                     cache_dir=default_cache_dir() if cfg.collab_cache else None)
                 if init_collab:
                     collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank))
-                if cfg.collab_prompt:
+                if cfg.collab_state != "none":
                     self.collab_model = sasrec
                     state_dim = sasrec.config.hidden_size
                     norms = np.linalg.norm(sasrec.user_states([s for s in split.train if len(s)]), axis=1)
@@ -759,7 +807,7 @@ class ItemTokenLM(Recommender):
         old_threads = self._set_threads()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
-        states = self._all_states(histories)
+        states = self._prompt_states(prompts, histories)
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         bs = self.config.eval_batch_size
         try:
@@ -768,7 +816,7 @@ class ItemTokenLM(Recommender):
                     rows = order[s : s + bs]
                     ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
                     last = torch.tensor([len(prompts[i]) - 1 for i in rows], device=self.device)  # (b,)
-                    with net.using_states(None if states is None else states[torch.as_tensor(rows)]):
+                    with net.using_states(None if states is None else self._stack_states([states[i] for i in rows])):
                         h, _ = net.hidden(ids)  # (b, L, H)
                     logits = net.item_logits(h[torch.arange(len(rows)), last])  # (b, R)
                     out[rows] = logits[:, : self.n_items].float().cpu().numpy()
@@ -776,11 +824,11 @@ class ItemTokenLM(Recommender):
             torch.set_num_threads(old_threads)
         return out
 
-    def _all_states(self, histories: Sequence[np.ndarray]) -> torch.Tensor | None:
-        """(n, d) scaled SASRec states on the model's device (``collab_prompt``), else None."""
-        if not self.config.collab_prompt:
+    def _prompt_states(self, prompts: Sequence[np.ndarray], histories: Sequence[np.ndarray]) -> list[np.ndarray] | None:
+        """Per prompt (L_i, d) SASRec states (``collab_state``), else None."""
+        if self.config.collab_state == "none":
             return None
-        return torch.from_numpy(self._states_of(histories)).to(self.device)
+        return self._aligned_states(prompts, [np.asarray(h, dtype=np.int64) for h in histories])
 
     def generate_lists(
         self, histories: Sequence[np.ndarray], k: int = 10, mode: Literal["beam", "greedy", "fast"] = "beam",
@@ -807,7 +855,7 @@ class ItemTokenLM(Recommender):
         if mode not in ("beam", "greedy"):
             raise ValueError(f"unknown decoding mode {mode!r}")
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
-        states = self._all_states(histories)
+        states = self._prompt_states(prompts, histories)
         try:
             with autocast(self.config.amp, self.device):
                 if mode == "beam":  # batched: users of similar prompt length share a batch
@@ -817,12 +865,13 @@ class ItemTokenLM(Recommender):
                         rows = order[s : s + bs]
                         banned = [np.asarray(histories[i], dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
                                   for i in rows]
-                        with net.using_states(None if states is None else states[torch.as_tensor(rows)]):
+                        with net.using_states(None if states is None else
+                                              self._stack_states([states[i] for i in rows], left=True)):
                             out[rows], _ = constrained_beam_search_batch(net, [prompts[i] for i in rows], trie, k,
                                                                          self.config.beam_size, banned)
                 else:
                     for i, ids in enumerate(prompts):
-                        with net.using_states(None if states is None else states[i : i + 1]):
+                        with net.using_states(None if states is None else self._stack_states([states[i]])):
                             out[i] = greedy_generate(net, ids, self.n_items, k)
         finally:
             torch.set_num_threads(old_threads)
@@ -833,25 +882,25 @@ class ItemTokenLM(Recommender):
         tensors = {n: p.detach().float().cpu().numpy().copy() for n, p in self.trainable_state().items()}
         extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
                  "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
-        if self.collab_model is not None:  # the frozen SASRec of collab_prompt travels with the model
+        if self.collab_model is not None:  # the frozen SASRec of collab_state travels with the model
             sas_tensors, _ = self.collab_model._state()
             tensors.update({f"collab.{k}": v for k, v in sas_tensors.items()})
-            extra["collab_prompt"] = {"sasrec_config": asdict(self.collab_model.config), "state_scale": self.state_scale}
+            extra["collab_state"] = {"sasrec_config": asdict(self.collab_model.config), "state_scale": self.state_scale}
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         state_dim = 0
-        if self.config.collab_prompt:
+        if self.config.collab_state != "none":
             from llmrec.config import from_dict
             from llmrec.models.sasrec import SASRec, SASRecConfig
 
-            if "collab_prompt" not in extra:
-                raise ValueError("itemtoken-lm: collab_prompt is set but the saved model has no SASRec")
-            sas_cfg = from_dict(SASRecConfig, extra["collab_prompt"]["sasrec_config"])
+            if "collab_state" not in extra:
+                raise ValueError("itemtoken-lm: collab_state is set but the saved model has no SASRec")
+            sas_cfg = from_dict(SASRecConfig, extra["collab_state"]["sasrec_config"])
             self.collab_model = SASRec(sas_cfg, self.n_items)
             self.collab_model._load_state({k[len("collab."):]: v for k, v in tensors.items()
                                            if k.startswith("collab.")}, {})
-            self.state_scale = float(extra["collab_prompt"]["state_scale"])
+            self.state_scale = float(extra["collab_state"]["state_scale"])
             state_dim = sas_cfg.hidden_size
         tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}
         old = self._set_threads()
