@@ -22,12 +22,13 @@ from llmrec.models.registry import MODELS, build_model
 N_ITEMS = 20
 
 # Small, fast settings per model; every registered model must appear here.
+# max_minutes is a safety net only: the epoch counts decide, so a loaded machine cannot change the outcome
 FAST_PARAMS: dict[str, dict[str, Any]] = {
     "popularity": {},
     "itemknn": {"neighbors": 10, "window": 1, "transition_weight": 1.0},
     "sasrec": {"hidden_size": 32, "n_layers": 1, "n_heads": 2, "inner_size": 64, "dropout": 0.1,
                "attn_dropout": 0.0, "max_len": 12, "lr": 0.01, "batch_size": 16, "max_epochs": 40,
-               "eval_every": 5, "patience": 100, "max_minutes": 1.0, "seed": 0, "num_threads": 1},
+               "eval_every": 5, "patience": 100, "max_minutes": 30.0, "seed": 0, "num_threads": 1},
     "itemtoken-lm": {"backbone": "random-tiny-llama", "template": "plain", "title_tokens": 2,
                      "max_prompt_tokens": 128, "lr": 0.01, "item_lr": 0.03, "batch_size": 8, "epochs": 12,
                      "eval_every": 20, "patience": 100, "warmup_steps": 5, "lora_dropout": 0.0, "num_threads": 1,
@@ -35,7 +36,7 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
     "semantic-id": {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8,
                     "rq_hidden": 32, "rq_steps": 100, "d_model": 32, "n_heads": 2, "enc_layers": 1,
                     "dec_layers": 1, "ff_size": 64, "dropout": 0.0, "max_len": 12, "lr": 0.005,
-                    "batch_size": 16, "max_epochs": 80, "eval_every": 10, "patience": 100, "max_minutes": 1.0,
+                    "batch_size": 16, "max_epochs": 80, "eval_every": 10, "patience": 100, "max_minutes": 30.0,
                     "beam_size": 20, "seed": 0, "num_threads": 1},
 }
 SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm"}

@@ -41,7 +41,7 @@ def tiny_config(**overrides: object) -> SASRecConfig:
         "max_epochs": 40,
         "eval_every": 5,
         "patience": 100,
-        "max_minutes": 1.0,
+        "max_minutes": 30.0,
         "seed": 0,
         "num_threads": 1,
         "eval_batch_size": 7,

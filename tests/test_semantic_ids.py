@@ -24,7 +24,7 @@ N_ITEMS = 20
 TINY = {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8, "rq_hidden": 32,
         "rq_steps": 100, "d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_size": 64,
         "dropout": 0.0, "max_len": 12, "lr": 0.005, "batch_size": 16, "max_epochs": 60, "eval_every": 20,
-        "patience": 100, "max_minutes": 1.0, "beam_size": 10, "seed": 0, "num_threads": 1}
+        "patience": 100, "max_minutes": 30.0, "beam_size": 10, "seed": 0, "num_threads": 1}
 
 
 def cycle_split() -> Split:
