@@ -466,6 +466,22 @@ def test_collaborative_init_starts_the_item_delta_from_sasrec(split: Split, tmp_
                                rtol=1e-4, atol=1e-4)
 
 
+def check_states_matter_and_survive_save_load(model: ItemTokenLM, split: Split, tmp_path: Path) -> None:
+    """Shared by the collab_state tests: scaling the SASRec states changes the scores, beam lists hold
+    only catalog items, and a saved and loaded model gives the same scores and beam lists."""
+    hists = split.test.histories[:5]
+    before = model.score(hists)
+    model.state_scale *= 3.0
+    assert np.abs(model.score(hists) - before).max() > 1e-4  # the states change the scores
+    model.state_scale /= 3.0
+    lists = model.generate_lists(hists, k=5, mode="beam")
+    assert (lists >= 0).all() and (lists < N_ITEMS).all()
+    model.save(tmp_path / "m")
+    loaded = ItemTokenLM.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(loaded.generate_lists(hists, k=5, mode="beam"), lists)
+
+
 def test_collab_state_token_closes_the_prompt(split: Split, tmp_path: Path) -> None:
     cfg = {**TINY, "collab_state": "token", "collab_minutes": 0.2, "collab_cache": False, "epochs": 3}
     model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
@@ -482,20 +498,10 @@ def test_collab_state_token_closes_the_prompt(split: Split, tmp_path: Path) -> N
     assert ex[2][state_pos] and ex[1][state_pos] != IGNORE and not ex[2][:state_pos].any()
     assert ex[3].shape == (len(ex[0]), model.collab_model.config.hidden_size)
     assert np.flatnonzero(np.abs(ex[3]).sum(1) > 0).tolist() == [state_pos]  # only the state token
-    # the state matters: another SASRec state changes the scores; no state is an error
+    # running prompts that hold a state token without states is an error
     with pytest.raises(RuntimeError, match="using_states"):
         net.hidden(torch.as_tensor(ids)[None])
-    hists = split.test.histories[:5]
-    before = model.score(hists)
-    model.state_scale *= 3.0
-    assert np.abs(model.score(hists) - before).max() > 1e-4
-    model.state_scale /= 3.0
-    lists = model.generate_lists(hists, k=5, mode="beam")
-    assert (lists >= 0).all() and (lists < N_ITEMS).all()
-    model.save(tmp_path / "m")
-    loaded = ItemTokenLM.load(tmp_path / "m")
-    np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(loaded.generate_lists(hists, k=5, mode="beam"), lists)
+    check_states_matter_and_survive_save_load(model, split, tmp_path)
 
 
 @pytest.mark.parametrize("target", ["next-item", "next-k"])
@@ -522,13 +528,4 @@ def test_collab_state_items_adds_causal_sasrec_states(split: Split, tmp_path: Pa
         fed = np.flatnonzero((ex[0] >= net.n_base) & (ex[0] < net.n_base + N_ITEMS))
         assert ex[3].shape == (len(ex[0]), sas.config.hidden_size)
         assert np.flatnonzero(np.abs(ex[3]).sum(1) > 0).tolist() == fed.tolist()
-    hists = split.test.histories[:5]
-    before = model.score(hists)
-    model.state_scale *= 3.0
-    assert np.abs(model.score(hists) - before).max() > 1e-4  # the states change the scores
-    model.state_scale /= 3.0
-    lists = model.generate_lists(hists, k=5, mode="beam")
-    assert (lists >= 0).all() and (lists < N_ITEMS).all()
-    model.save(tmp_path / "m")
-    loaded = ItemTokenLM.load(tmp_path / "m")
-    np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)
+    check_states_matter_and_survive_save_load(model, split, tmp_path)

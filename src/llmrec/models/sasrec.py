@@ -223,23 +223,16 @@ class SASRecNet(nn.Module):
             x = block(x, attn_mask) * nonpad.unsqueeze(-1)  # (B, L, H)
         return self.ln_f(x)  # (B, L, H)
 
-    def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """tokens: (B, L) shifted ids; targets: (B, L) shifted next-item ids, 0 = no target.
 
-        Without ``targets``: logits (B, n_items) at the last position and ``None``; logit column
-        ``j`` is dataset item ``j``. With ``targets``: ``(None, loss)``, the mean full-softmax
-        cross-entropy over the positions that have a target (the (N, n_items) logits are only
-        a scratch buffer inside :class:`FullSoftmaxCE`).
+        Returns the mean full-softmax cross-entropy over the positions that have a target (the
+        (N, n_items) logits are only a scratch buffer inside :class:`FullSoftmaxCE`). Scores for
+        ranking come from :meth:`SASRec.score` (last hidden state @ item rows).
         """
         h = self.hidden(tokens)  # (B, L, H)
-        out_emb = self.item_emb.weight[1:]  # (n_items, H)
-        if targets is None:
-            return h[:, -1, :] @ out_emb.T, None  # (B, n_items)
         keep = targets != 0  # (B, L)
-        loss = FullSoftmaxCE.apply(h[keep], out_emb, targets[keep] - 1)  # h[keep]: (N, H); ids (N,)
-        return None, loss
+        return FullSoftmaxCE.apply(h[keep], self.item_emb.weight[1:], targets[keep] - 1)  # h[keep]: (N, H)
 
 
 # --- recommender --------------------------------------------------------------------------
@@ -322,12 +315,12 @@ class SASRec(Recommender):
                         width = int(lengths[idx].max())
                         x = torch.from_numpy(inputs[idx, -width:]).to(self.device)  # (b, width)
                         y = torch.from_numpy(targets[idx, -width:]).to(self.device)  # (b, width)
-                        _, loss = self.net(x, y)
+                        loss = self.net(x, y)
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()  # type: ignore[union-attr]
+                        loss.backward()
                         opt.step()
                         n = int((y != 0).sum())
-                        total += float(loss.detach()) * n  # type: ignore[union-attr]
+                        total += float(loss.detach()) * n
                         count += n
                         if time.perf_counter() > deadline:
                             out_of_time = True

@@ -550,7 +550,7 @@ class ItemTokenLM(Recommender):
         # the state at an item is SASRec's state of the history up to that item, computed on that prefix
         # alone (SASRec's positions count from the newest item, so a longer input would shift them)
         prefixes, owner = [], []
-        for i, (h, p) in enumerate(zip(histories, pos, strict=True)):
+        for h, p in zip(histories, pos, strict=True):
             h = np.asarray(h, dtype=np.int64)
             m = min(len(p), len(h))
             prefixes.extend(h[: len(h) - m + j + 1] for j in range(m))
