@@ -20,7 +20,7 @@ from llmrec.data.splits import Feedback, Split, leave_one_out
 from llmrec.eval.protocol import evaluate_full, evaluate_lists
 from llmrec.models.llm.backbone import load_backbone, tiny_tokenizer
 from llmrec.models.llm.decoding import ItemTrie, constrained_beam_search, single_token_trie
-from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig, title_rows
+from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig, latest_states, title_rows
 from llmrec.models.llm.prompts import IGNORE, PromptBuilder, item_token, training_example
 
 N_ITEMS = 20
@@ -528,4 +528,65 @@ def test_collab_state_items_adds_causal_sasrec_states(split: Split, tmp_path: Pa
         fed = np.flatnonzero((ex[0] >= net.n_base) & (ex[0] < net.n_base + N_ITEMS))
         assert ex[3].shape == (len(ex[0]), sas.config.hidden_size)
         assert np.flatnonzero(np.abs(ex[3]).sum(1) > 0).tolist() == fed.tolist()
+    check_states_matter_and_survive_save_load(model, split, tmp_path)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=7), min_size=1, max_size=3).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))
+def test_latest_states_carry_the_last_state_forward(has: list[list[bool]]) -> None:
+    mask = np.array(has)  # (B, L): positions that hold a state
+    rng = np.random.default_rng(len(has))
+    states = rng.normal(size=(*mask.shape, 3)).astype(np.float32) * mask[..., None]
+    out = latest_states(torch.from_numpy(states)).numpy()
+    for b in range(mask.shape[0]):
+        for pos in range(mask.shape[1]):
+            before = np.flatnonzero(mask[b, : pos + 1])
+            expected = states[b, before[-1]] if len(before) else np.zeros(3, np.float32)
+            np.testing.assert_array_equal(out[b, pos], expected)
+
+
+def test_collab_logits_add_sasrec_logits_everywhere(split: Split, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="collab_state"):
+        ItemTokenLMConfig(**{**TINY, "collab_logits": True})  # type: ignore[arg-type]
+    cfg = {**TINY, "collab_state": "items", "collab_logits": True, "collab_minutes": 0.2, "collab_cache": False,
+           "epochs": 2}
+    model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
+    model.fit(split, progress=False)
+    net, sas = model.net, model.collab_model
+    assert net is not None and net.collab_weight is not None and sas is not None
+    hists = split.test.histories[:6]
+    with_w = model.score(hists)
+    w = float(net.collab_weight.detach())
+    with torch.no_grad():
+        net.collab_weight.zero_()
+    lm_only = model.score(hists)
+    # the fast path's scores are the LM's item logits plus w times SASRec's own logits of the history
+    np.testing.assert_allclose(with_w - lm_only, w * sas.score(hists), rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        net.collab_weight.fill_(w)
+    # the training loss sees the same term: it changes with w
+    examples = model._epoch_examples(split.train, 0)[:8]
+    rows = np.arange(len(examples))
+    args = (model._pad([e[0] for e in examples], 0), model._pad([e[1] for e in examples], IGNORE),
+            model._pad([e[2] for e in examples], False))
+    with torch.no_grad(), net.using_states(model._batch_states(examples, rows)):
+        base = float(model.loss(*args))
+        net.collab_weight.fill_(w + 5.0)
+        assert abs(float(model.loss(*args)) - base) > 1e-4
+        net.collab_weight.fill_(w)
+    # beam search adds the term at every step: with a huge w its lists follow SASRec, whose states
+    # include the items generated so far
+    with torch.no_grad():
+        net.collab_weight.fill_(1e4)
+    lists = model.generate_lists(hists, k=2, mode="beam")
+    with torch.no_grad():
+        net.collab_weight.fill_(w)
+    for h, row in zip(hists, lists, strict=True):
+        first = sas.score([h])[0]
+        first[h] = -np.inf
+        assert row[0] == int(np.argmax(first))
+        second = sas.score([np.append(h, row[0])])[0]
+        second[np.append(h, row[0])] = -np.inf
+        assert row[1] == int(np.argmax(second))
     check_states_matter_and_survive_save_load(model, split, tmp_path)

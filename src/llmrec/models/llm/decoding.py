@@ -17,7 +17,7 @@ in the same beam.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,7 @@ def constrained_beam_search(
 def constrained_beam_search_batch(
     net: Any, prompts: Sequence[np.ndarray], trie: ItemTrie, k: int = 10, beam_size: int = 4,
     banned: Sequence[np.ndarray] | None = None,
+    step_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate ``k`` distinct valid items after each prompt (n prompts of token ids) by beam search.
 
@@ -118,6 +119,7 @@ def constrained_beam_search_batch(
     ``banned`` items and the items already in the beam, and keeps each user's ``beam_size`` best
     partial lists by summed log-probability. Returns ``(items (n, k), step log-probs (n, k))`` of
     each user's best beam; where fewer than ``k`` items are allowed the rest is ``PAD_ITEM`` / ``-inf``.
+    ``step_bias(rows so far (n, B, t)) -> (n, B, R)`` adds another scorer's logits at each step.
     """
     n, B = len(prompts), beam_size
     n_rows = int(net.n_rows)
@@ -151,6 +153,8 @@ def constrained_beam_search_batch(
     user = torch.arange(n)[:, None]  # (n, 1)
     for step in range(steps):
         logits = net.item_logits(last).float().view(n, B, n_rows)  # (n, B, R)
+        if step_bias is not None:
+            logits = logits + step_bias(seqs)
         mask = allowed[:, None, :].expand(n, B, n_rows).clone()  # (n, B, R)
         if step:
             mask.scatter_(2, seqs, False)  # no repeats inside a beam

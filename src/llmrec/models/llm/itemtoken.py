@@ -102,6 +102,10 @@ class ItemTokenLMConfig:
     # "items": its state after each history item is added to that item token's embedding (causal: the
     #          state of item t has seen items <= t only), so every dense position sees it too.
     collab_state: Literal["none", "token", "items"] = "none"
+    # residual logits (needs collab_state): every item logit also gets w * SASRec's own logit of the
+    # history so far (its state . its item vector), w learned (starts at 1), so the LM learns what to add
+    # to SASRec's ranking instead of re-deriving it; training, the fast path and beam search all use it
+    collab_logits: bool = False
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -157,6 +161,9 @@ class ItemTokenLMConfig:
         if self.collab_init != "none" and self.item_rank == 0:
             raise ValueError(f"collab_init={self.collab_init!r} initializes the rank-r delta of the item rows: "
                              "set item_rank > 0")
+        if self.collab_logits and self.collab_state == "none":
+            raise ValueError("collab_logits adds SASRec's logits of the states in the prompt: set collab_state "
+                             "to 'items' or 'token'")
         if self.collab_scale < 0 or self.collab_minutes <= 0:
             raise ValueError("collab_scale must be >= 0 and collab_minutes > 0")
 
@@ -204,7 +211,7 @@ class ItemTokenNet(nn.Module):
 
     def __init__(self, lm: nn.Module, n_base: int, item_emb: torch.Tensor, item_head: torch.Tensor,
                  rank: int = 0, tie: bool = False, head_scale: float = 1.0, item_dropout: float = 0.0,
-                 user_emb: torch.Tensor | None = None, state_dim: int = 0) -> None:
+                 user_emb: torch.Tensor | None = None, state_dim: int = 0, collab_logits: bool = False) -> None:
         super().__init__()
         self.lm = lm  # the HF model, possibly wrapped by peft
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
@@ -231,6 +238,8 @@ class ItemTokenNet(nn.Module):
                 torch.manual_seed(state_dim * 7919 + item_emb.shape[1])
                 self.state_proj.weight.normal_(0.0, std or 1.0)  # unit-norm states -> rows as large as items
         self.states: torch.Tensor | None = None  # (B, L, state_dim) of the batch being run (see using_states)
+        # weight of the residual SASRec logits (``collab_logits``), trained with the item rows
+        self.collab_weight = nn.Parameter(torch.ones(1)) if collab_logits else None  # (1,)
 
     @contextlib.contextmanager
     def using_states(self, states: torch.Tensor | None) -> Iterator[None]:
@@ -308,6 +317,17 @@ class ItemTokenNet(nn.Module):
         return torch.cat([self._head(h), self.item_logits(h)], dim=-1)
 
 
+def latest_states(states: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) -> (B, L, d): at each position the most recent non-zero state at or before it
+    (zero before the first), so a position between item tokens sees the state after the last item."""
+    B, L, d = states.shape
+    has = states.abs().sum(-1) > 0  # (B, L)
+    idx = torch.where(has, torch.arange(L, device=states.device).expand(B, L), -1)
+    idx = torch.cummax(idx, dim=1).values  # (B, L): last position <= l that has a state, or -1
+    out = states.gather(1, idx.clamp(min=0)[..., None].expand(B, L, d))
+    return out * (idx >= 0)[..., None].to(out.dtype)
+
+
 def truncate_layers(lm: nn.Module, n_layers: int) -> None:
     """Keep the first ``n_layers`` transformer blocks of ``lm`` (Llama-style ``layers`` or GPT-2 ``h``)."""
     decoder = lm.base_model
@@ -351,6 +371,7 @@ class ItemTokenLM(Recommender):
         self.device = torch.device(config.device)
         self.collab_model: Any = None  # the frozen SASRec of ``collab_state``
         self.state_scale = 1.0  # SASRec states are multiplied by this (mean training state norm -> 1)
+        self._collab_rows: torch.Tensor | None = None  # (R, d) SASRec item vectors of ``collab_logits``
 
     # --- construction -------------------------------------------------------------------
     @property
@@ -426,8 +447,8 @@ class ItemTokenLM(Recommender):
         # the new item rows always train in float32, whatever dtype the (frozen) backbone has
         self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
                                 tie=cfg.tie_item_rows, head_scale=cfg.head_init_scale,
-                                item_dropout=cfg.item_dropout, user_emb=user_emb,
-                                state_dim=state_dim).to(self.device)
+                                item_dropout=cfg.item_dropout, user_emb=user_emb, state_dim=state_dim,
+                                collab_logits=cfg.collab_logits and state_dim > 0).to(self.device)
         if collab is not None:
             if collab.shape != (self.n_items, cfg.item_rank):
                 raise ValueError(f"collab vectors have shape {collab.shape}, expected ({self.n_items}, {cfg.item_rank})")
@@ -579,6 +600,37 @@ class ItemTokenLM(Recommender):
             return None
         return self._stack_states([examples[i][3] for i in rows])
 
+    def _residual(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., d) scaled SASRec states -> (..., R) float32 ``collab_logits`` term: w * SASRec's logits
+        (state . item vector; zero for the end row and where a position has no state)."""
+        net = self._require_net()
+        assert net.collab_weight is not None and self.collab_model is not None
+        if self._collab_rows is None:
+            vec = torch.as_tensor(self.collab_model.item_vectors(), dtype=torch.float32)  # (n_items, d)
+            self._collab_rows = torch.cat([vec, vec.new_zeros(net.n_rows - self.n_items, vec.shape[1])]).to(self.device)
+        raw = states.float() / self.state_scale
+        return net.collab_weight * (raw @ self._collab_rows.T)
+
+    def _beam_bias(self, histories: Sequence[np.ndarray]) -> Any:
+        """``step_bias`` of constrained beam search for ``collab_logits``: SASRec's logits of each beam's
+        history plus the items generated so far, times w (None without ``collab_logits``)."""
+        net = self._require_net()
+        if net.collab_weight is None or self.collab_model is None:
+            return None
+        hist = [np.asarray(h, dtype=np.int64) for h in histories]
+
+        def bias(seqs: torch.Tensor) -> torch.Tensor:  # seqs (n, B, t) item rows -> (n, B, R)
+            n, B, t = seqs.shape
+            if t == 0:  # every beam is the bare history
+                st = self.collab_model.user_states(hist)  # (n, d)
+                return self._residual(torch.from_numpy(st * self.state_scale))[:, None, :].expand(n, B, -1)
+            gen = seqs.cpu().numpy()
+            prefixes = [np.concatenate([hist[u], gen[u, b]]) for u in range(n) for b in range(B)]
+            st = self.collab_model.user_states(prefixes) * self.state_scale  # (n*B, d)
+            return self._residual(torch.from_numpy(st)).view(n, B, -1)
+
+        return bias
+
     def _batches(self, n_examples: int, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:
         """Shuffled batches of similar-length examples (deterministic per seed and epoch)."""
         cfg = self.config
@@ -608,7 +660,10 @@ class ItemTokenLM(Recommender):
         net = self._require_net()
         h, _ = net.hidden(ids)  # (B, L, H)
         sel = labels != IGNORE  # (B, L)
-        loss = F.cross_entropy(net.item_logits(h[sel]).float(), labels[sel])  # over (M, R)
+        logits = net.item_logits(h[sel]).float()  # (M, R)
+        if net.collab_weight is not None and net.states is not None:
+            logits = logits + self._residual(latest_states(net.states)[sel])
+        loss = F.cross_entropy(logits, labels[sel])
         if self.config.lm_loss_weight > 0 and bool(answer_mask.any()):
             full = net.full_logits(h[answer_mask]).float()  # (A, n_base + R)
             loss = loss + self.config.lm_loss_weight * F.cross_entropy(full, net.n_base + labels[answer_mask])
@@ -651,7 +706,7 @@ class ItemTokenLM(Recommender):
                 if init_collab:
                     collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank))
                 if cfg.collab_state != "none":
-                    self.collab_model = sasrec
+                    self.collab_model, self._collab_rows = sasrec, None
                     state_dim = sasrec.config.hidden_size
                     norms = np.linalg.norm(sasrec.user_states([s for s in split.train if len(s)]), axis=1)
                     self.state_scale = float(1.0 / max(float(norms.mean()), 1e-8)) if len(norms) else 1.0
@@ -816,9 +871,13 @@ class ItemTokenLM(Recommender):
                     rows = order[s : s + bs]
                     ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
                     last = torch.tensor([len(prompts[i]) - 1 for i in rows], device=self.device)  # (b,)
-                    with net.using_states(None if states is None else self._stack_states([states[i] for i in rows])):
+                    st = None if states is None else self._stack_states([states[i] for i in rows])  # (b, L, d)
+                    with net.using_states(st):
                         h, _ = net.hidden(ids)  # (b, L, H)
-                    logits = net.item_logits(h[torch.arange(len(rows)), last])  # (b, R)
+                    at = torch.arange(len(rows))
+                    logits = net.item_logits(h[at, last]).float()  # (b, R)
+                    if net.collab_weight is not None and st is not None:
+                        logits = logits + self._residual(latest_states(st)[at, last])
                     out[rows] = logits[:, : self.n_items].float().cpu().numpy()
         finally:
             torch.set_num_threads(old_threads)
@@ -867,8 +926,9 @@ class ItemTokenLM(Recommender):
                                   for i in rows]
                         with net.using_states(None if states is None else
                                               self._stack_states([states[i] for i in rows], left=True)):
-                            out[rows], _ = constrained_beam_search_batch(net, [prompts[i] for i in rows], trie, k,
-                                                                         self.config.beam_size, banned)
+                            out[rows], _ = constrained_beam_search_batch(
+                                net, [prompts[i] for i in rows], trie, k, self.config.beam_size, banned,
+                                step_bias=self._beam_bias([histories[i] for i in rows]))
                 else:
                     for i, ids in enumerate(prompts):
                         with net.using_states(None if states is None else self._stack_states([states[i]])):
@@ -897,7 +957,7 @@ class ItemTokenLM(Recommender):
             if "collab_state" not in extra:
                 raise ValueError("itemtoken-lm: collab_state is set but the saved model has no SASRec")
             sas_cfg = from_dict(SASRecConfig, extra["collab_state"]["sasrec_config"])
-            self.collab_model = SASRec(sas_cfg, self.n_items)
+            self.collab_model, self._collab_rows = SASRec(sas_cfg, self.n_items), None
             self.collab_model._load_state({k[len("collab."):]: v for k, v in tensors.items()
                                            if k.startswith("collab.")}, {})
             self.state_scale = float(extra["collab_state"]["state_scale"])
