@@ -725,7 +725,7 @@ class ItemTokenLM(Recommender):
                 valid = valid.subset(pick)
             has_valid = len(valid) > 0
 
-            examples = self._epoch_examples(split.train, 0)
+            examples, examples_epoch = self._epoch_examples(split.train, 0), 0
             n_examples0 = len(examples)
             steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
             total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -760,8 +760,9 @@ class ItemTokenLM(Recommender):
             done = run["step"] >= total_steps
             while not done and run["epoch"] < cfg.epochs:
                 epoch = run["epoch"]
-                if epoch > 0 or examples is None:
-                    examples = self._epoch_examples(split.train, epoch)
+                if cfg.examples_per_user and examples_epoch != epoch:  # cut points sampled per epoch
+                    examples, examples_epoch = self._epoch_examples(split.train, epoch), epoch
+                # (otherwise every epoch has the same examples and SASRec states: built once)
                 lengths = np.array([len(e[0]) for e in examples])
                 batches = self._batches(len(examples), lengths, epoch)
                 n_steps = math.ceil(len(batches) / cfg.grad_accum)
@@ -814,7 +815,6 @@ class ItemTokenLM(Recommender):
                 if not done:
                     run["epoch"] += 1
                     run["batch"] = 0
-                    examples = None  # type: ignore[assignment]
             bar.close()
             if has_valid and (not run["history"] or run["history"][-1]["step"] != run["step"]):
                 validate_and_track()
