@@ -46,6 +46,9 @@ RECIPES: dict[str, dict[str, object]] = {
     # SASRec fitted on the same training split (LETTER / ETEGRec-style hybrid semantic IDs)
     # (patience 10 from epoch 15: with patience 5 from epoch 10, seed 1 stopped at epoch 10 on a noisy plateau)
     "v4": {"rq_input": "text+sasrec", "collab_minutes": 10.0, "patience": 10, "min_epochs": 15},
+    # v5: v4 + the same SASRec as a pretrained sequence encoder: each history token also reads SASRec's state of
+    # the history up to its item (frozen SASRec, trainable linear map)
+    "v5": {"rq_input": "text+sasrec", "collab_states": True, "collab_minutes": 10.0, "patience": 10, "min_epochs": 15},
 }
 
 
@@ -160,7 +163,9 @@ def markdown(data: dict[str, object]) -> str:
               "1 epoch of warm-up and cosine decay over 25 epochs; v4 = v1 with collaborative semantic IDs: the RQ-VAE "
               "quantizes each item's text embedding concatenated with its item vector from a SASRec fitted on the "
               "same training split (early stopping on validation; its fit time is inside train min), and early stopping "
-              "with patience 10 from epoch 15 (v1-v3: patience 5 from epoch 10)."), "",
+              "with patience 10 from epoch 15 (v1-v3: patience 5 from epoch 10); v5 = v4 + the same SASRec as a pretrained "
+              "sequence encoder: each history token of the generator's encoder also reads, through a trainable linear "
+              "map, the frozen SASRec's state of the history up to that item (computed on that prefix alone)."), "",
              "| dataset | recipe | interest fusion | extractor | seeds | " + " | ".join(METRICS)
              + " | train min | peak MB |", "|---|---|---|---|---:|" + "---:|" * (len(METRICS) + 2)]
     groups: dict[tuple, list[dict]] = {}

@@ -306,3 +306,35 @@ def test_collaborative_codes(split: Split, rq_input: str) -> None:
     assert codes.shape[0] == N_ITEMS and len({tuple(r) for r in codes.tolist()}) == N_ITEMS
     with pytest.raises(ValueError, match="collab_weight"):
         build_model("semantic-id", {**TINY, "collab_weight": 0.0}, N_ITEMS)
+
+
+def test_collaborative_states_feed_the_encoder(split: Split, tmp_path: Path) -> None:
+    m = build_model("semantic-id", {**TINY, "use_interests": False, "max_epochs": 40, "collab_states": True,
+                                    "collab_cache": False, "collab_minutes": 0.2}, N_ITEMS)
+    assert isinstance(m, SemanticIDRec)
+    info = m.fit(split, progress=False)
+    assert info["collab"] is not None and m.collab_model is not None
+    assert m.net is not None and m.net.enc_state is not None
+    # the states are causal and aligned with the left-padded items: the state at the j-th of the last
+    # items is SASRec's state of the sequence up to that item, computed on that prefix alone
+    seq = split.train[0]
+    st = m._history_states([seq], 5)
+    assert st is not None and st.shape == (1, 5, m.collab_model.config.hidden_size)
+    for j in range(5):
+        prefix = seq[: len(seq) - 5 + j + 1]
+        np.testing.assert_allclose(st[0, j].numpy(), m.collab_model.user_states([prefix])[0] * m.state_scale,
+                                   rtol=1e-4, atol=1e-5)
+    short = m._history_states([seq[:2]], 5)
+    assert short is not None and not short[0, :3].any() and short[0, 3:].abs().sum() > 0  # padding gets none
+    # the whole path works, the states change the scores, and save/load keeps the SASRec
+    assert evaluate_full(m, split.test, ks=[10]).overall["recall@10"] >= 0.5
+    hists = split.test.histories[:5]
+    before = m.score(hists)
+    m.state_scale *= 3.0
+    assert np.abs(m.score(hists) - before).max() > 1e-4
+    m.state_scale /= 3.0
+    loaded = SemanticIDRec.load(_saved(m, tmp_path))
+    np.testing.assert_allclose(loaded.score(hists), before, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(loaded.recommend(hists, k=5)[0], m.recommend(hists, k=5)[0])
+    with pytest.raises(ValueError, match="states"):
+        m.net.encode(torch.zeros(1, 3, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))

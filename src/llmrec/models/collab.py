@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,26 @@ def unit_rms_rows(vectors: np.ndarray) -> np.ndarray:
     x = np.asarray(vectors, dtype=np.float32)
     mean = float(np.linalg.norm(x, axis=1).mean()) if len(x) else 0.0
     return x / mean if mean > 0 else x
+
+
+def prefix_states(model: SASRec, sequences: Sequence[np.ndarray], last: int | Sequence[int]) -> list[np.ndarray]:
+    """For each sequence (dataset item ids) the (m, hidden_size) float32 SASRec states of its last
+    ``m = min(last, len)`` prefixes (``last`` one count for all, or one per sequence), oldest first: row j is the state of the sequence up to and
+    including its ``len - m + j``-th item, computed on that prefix alone (SASRec's positions count
+    from the newest item, so a longer input would shift them): no row sees a later item."""
+    counts = [int(last)] * len(sequences) if isinstance(last, (int, np.integer)) else [int(x) for x in last]
+    if len(counts) != len(sequences):
+        raise ValueError(f"{len(counts)} prefix counts for {len(sequences)} sequences")
+    prefixes, sizes = [], []
+    for s, c in zip(sequences, counts, strict=True):
+        a = np.asarray(s, dtype=np.int64)
+        m = max(0, min(c, len(a)))
+        prefixes.extend(a[: len(a) - m + j + 1] for j in range(m))
+        sizes.append(m)
+    d = model.config.hidden_size
+    flat = model.user_states(prefixes) if prefixes else np.zeros((0, d), np.float32)
+    out, start = [], 0
+    for m in sizes:
+        out.append(flat[start : start + m])
+        start += m
+    return out

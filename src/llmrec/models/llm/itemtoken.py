@@ -50,6 +50,7 @@ from llmrec.data.splits import Padding, Split, pad_targets
 from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
+from llmrec.models.collab import prefix_states
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
 from llmrec.models.llm.prompts import (
     IGNORE,
@@ -568,20 +569,11 @@ class ItemTokenLM(Recommender):
                 o[np.asarray(x) == net.state_id] = st
             return out
         pos = [np.flatnonzero((np.asarray(x) >= net.n_base) & (np.asarray(x) < net.n_base + self.n_items)) for x in ids]
-        # the state at an item is SASRec's state of the history up to that item, computed on that prefix
-        # alone (SASRec's positions count from the newest item, so a longer input would shift them)
-        prefixes, owner = [], []
-        for h, p in zip(histories, pos, strict=True):
-            h = np.asarray(h, dtype=np.int64)
-            m = min(len(p), len(h))
-            prefixes.extend(h[: len(h) - m + j + 1] for j in range(m))
-            owner.append(m)
-        states = self.collab_model.user_states(prefixes) * scale if prefixes else np.zeros((0, d), np.float32)
-        start = 0
-        for o, p, m in zip(out, pos, owner, strict=True):
-            if m:
-                o[p[-m:]] = states[start : start + m]
-            start += m
+        # the state at an item is SASRec's state of the history up to that item (on that prefix alone)
+        hists = [np.asarray(h, dtype=np.int64) for h in histories]
+        for o, p, st in zip(out, pos, prefix_states(self.collab_model, hists, [len(p) for p in pos]), strict=True):
+            if len(st):
+                o[p[-len(st):]] = st * scale
         return out
 
     def _stack_states(self, states: Sequence[np.ndarray], left: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -60,6 +60,9 @@ class SemanticIDConfig:
     collab_weight: float = 1.0  # mean norm of the SASRec part relative to the text part ("text+sasrec")
     collab_minutes: float = 10.0  # SASRec's training budget (before the generator's max_minutes)
     collab_cache: bool = True  # reuse SASRec vectors fitted earlier on the same split and config
+    # a pretrained sequence encoder beside the codes: each history token also reads (through a trainable
+    # linear map) the state of that SASRec (frozen) of the history up to and including its item
+    collab_states: bool = False
     rq_levels: int = 3
     rq_codebook_size: int = 256
     rq_latent_dim: int = 32
@@ -149,6 +152,8 @@ class SemanticIDRec(Recommender):
         self._embedder = None
         self._extractor: InterestExtractor | None = None
         self._phrase_vecs: dict[str, np.ndarray] = {}
+        self.collab_model: Any = None  # the frozen SASRec of ``collab_states``
+        self.state_scale = 1.0  # its states are multiplied by this (mean training state norm -> 1)
 
     # --- text, embeddings, interests --------------------------------------------------------
     @property
@@ -212,7 +217,8 @@ class SemanticIDRec(Recommender):
         ncfg = NetConfig(vocab_sizes=vocab_sizes, d_model=c.d_model, n_heads=c.n_heads, enc_layers=c.enc_layers,
                          dec_layers=c.dec_layers, ff_size=c.ff_size, dropout=c.dropout, max_len=c.max_len,
                          interest_dim=interest_dim if c.use_interests else 0,
-                         n_items=self.n_items if c.item_embeddings else 0)
+                         n_items=self.n_items if c.item_embeddings else 0,
+                         state_dim=self.collab_model.config.hidden_size if c.collab_states else 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             self.net = SemIDSeq2Seq(ncfg).to(self.device)
@@ -231,7 +237,8 @@ class SemanticIDRec(Recommender):
         width = max(1, min(self.config.max_len, max((len(h) for h in histories), default=1)))
         ids = torch.from_numpy(left_pad(histories, width)).to(self.device)  # (B, T)
         pad = ids < 0
-        memory = self.net.encode(self._codes_t[ids.clamp(min=0)], pad, ids)  # (B, T, d)
+        memory = self.net.encode(self._codes_t[ids.clamp(min=0)], pad, ids,
+                                 self._history_states(histories, width))  # (B, T, d)
         mem_mask = ~pad
         mem_mask[:, -1] = True  # an empty history still attends to one (blank) state
         fused = None
@@ -239,6 +246,21 @@ class SemanticIDRec(Recommender):
             vecs, mask = self._interest_tensors(self.interests_of(histories))
             fused = self.net.embed_interests(vecs[:, None], mask[:, None])  # (B, 1, P+1, d)
         return memory, mem_mask, fused
+
+    def _history_states(self, sequences: Sequence[np.ndarray], width: int) -> torch.Tensor | None:
+        """(B, width, d) scaled SASRec states of each sequence up to each of its last ``width`` items,
+        left-padded with zeros like the items (``collab_states``), else None."""
+        if not self.config.collab_states:
+            return None
+        if self.collab_model is None:
+            raise RuntimeError("semantic-id: collab_states needs its SASRec (fit or load the model)")
+        from llmrec.models.collab import prefix_states
+
+        out = np.zeros((len(sequences), width, self.collab_model.config.hidden_size), dtype=np.float32)
+        for i, st in enumerate(prefix_states(self.collab_model, sequences, width)):
+            if len(st):
+                out[i, width - len(st):] = st * self.state_scale
+        return torch.from_numpy(out).to(self.device)
 
     # --- fit -------------------------------------------------------------------------------
     def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
@@ -267,16 +289,23 @@ class SemanticIDRec(Recommender):
         emb = self.embedder.encode(texts)  # (N, E)
         embed_s = time.perf_counter() - t0
         collab_info = None
-        if c.rq_input != "text":
-            from llmrec.models.collab import default_cache_dir, fit_width, sasrec_item_vectors, unit_rms_rows
+        self.collab_model = None
+        if c.rq_input != "text" or c.collab_states:
+            from llmrec.models.collab import default_cache_dir, fit_sasrec, fit_width, unit_rms_rows
             from llmrec.models.sasrec import SASRecConfig
 
-            vecs, collab_info = sasrec_item_vectors(
+            sasrec, collab_info = fit_sasrec(
                 split, SASRecConfig(max_minutes=c.collab_minutes, seed=c.seed), progress=progress,
                 cache_dir=default_cache_dir() if c.collab_cache else None)
-            col = unit_rms_rows(fit_width(vecs, vecs.shape[1]))  # (N, 64) centred, mean norm 1
-            emb = c.collab_weight * col if c.rq_input == "sasrec" else \
-                np.concatenate([unit_rms_rows(emb), c.collab_weight * col], axis=1)  # (N, E + 64)
+            if c.rq_input != "text":
+                vecs = sasrec.item_vectors()
+                col = unit_rms_rows(fit_width(vecs, vecs.shape[1]))  # (N, 64) centred, mean norm 1
+                emb = c.collab_weight * col if c.rq_input == "sasrec" else \
+                    np.concatenate([unit_rms_rows(emb), c.collab_weight * col], axis=1)  # (N, E + 64)
+            if c.collab_states:
+                self.collab_model = sasrec
+                norms = np.linalg.norm(sasrec.user_states([s for s in split.train if len(s)]), axis=1)
+                self.state_scale = float(1.0 / max(float(norms.mean()), 1e-8)) if len(norms) else 1.0
         t0 = time.perf_counter()
         rq_cfg = RQVAEConfig(levels=c.rq_levels, codebook_size=c.rq_codebook_size, latent_dim=c.rq_latent_dim,
                              hidden=c.rq_hidden, steps=c.rq_steps, batch_size=c.rq_batch_size, lr=c.rq_lr,
@@ -294,6 +323,9 @@ class SemanticIDRec(Recommender):
         inputs = left_pad([s[-(L + 1):-1] for s in seqs], L)  # (R, L)
         targets = left_pad([s[-L:] for s in seqs], L)  # (R, L)
         lengths = (inputs >= 0).sum(1)
+        # (R, L, d) SASRec states aligned with the inputs: of the training sequence up to each input item
+        train_states = None if not c.collab_states else \
+            self._history_states([s[:-1] for s in seqs], L).cpu().numpy()
         t0 = time.perf_counter()
         int_ids = None
         phrase_table = None
@@ -335,8 +367,10 @@ class SemanticIDRec(Recommender):
                         for g in opt.param_groups:
                             g["lr"] = c.lr * lr_factor(step, steps_per_epoch, c.warmup_epochs, c.decay_epochs)
                         step += 1
+                        st = None if train_states is None else \
+                            torch.from_numpy(train_states[idx, -w:]).to(self.device)  # (b, w, d)
                         _, loss = self.net(self._codes_t[x.clamp(min=0)], pad, self._codes_t[y.clamp(min=0)],
-                                           has_t, interests, x)
+                                           has_t, interests, x, st)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -494,12 +528,28 @@ class SemanticIDRec(Recommender):
             "rqvae": self.rq_stats,
             "items": [[it.title, list(it.categories), it.brand] for it in self.items],
         }
+        if self.collab_model is not None:  # the frozen SASRec of collab_states travels with the model
+            sas_tensors, _ = self.collab_model._state()
+            tensors.update({f"collab.{k}": v for k, v in sas_tensors.items()})
+            extra["collab_state"] = {"sasrec_config": asdict(self.collab_model.config), "state_scale": self.state_scale}
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         self.codes = np.asarray(tensors["codes"], dtype=np.int64)
         self.items = [ItemText(t, tuple(cs), b) for t, cs, b in extra["items"]]
         self.rq_stats = extra.get("rqvae", {})
+        self.collab_model = None
+        if self.config.collab_states:
+            from llmrec.config import from_dict
+            from llmrec.models.sasrec import SASRec, SASRecConfig
+
+            if "collab_state" not in extra:
+                raise ValueError("semantic-id: collab_states is set but the saved model has no SASRec")
+            sas_cfg = from_dict(SASRecConfig, extra["collab_state"]["sasrec_config"])
+            self.collab_model = SASRec(sas_cfg, self.n_items)
+            self.collab_model._load_state({k[len("collab."):]: v for k, v in tensors.items()
+                                           if k.startswith("collab.")}, {})
+            self.state_scale = float(extra["collab_state"]["state_scale"])
         self._build_net(tuple(int(v) for v in extra["vocab_sizes"]), int(extra["interest_dim"]))
         assert self.net is not None
         state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("net.")}

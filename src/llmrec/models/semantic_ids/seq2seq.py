@@ -38,6 +38,7 @@ class NetConfig:
     max_len: int = 20
     interest_dim: int = 0  # E; 0 disables interest fusion
     n_items: int = 0  # > 0 adds a learned per-item embedding to each history token (0: codes only)
+    state_dim: int = 0  # > 0: each history token also adds a linear map of a pretrained encoder's state there
 
 
 class Attention(nn.Module):
@@ -142,6 +143,7 @@ class SemIDSeq2Seq(nn.Module):
         self.enc_code_emb = nn.Embedding(int(sum(V)), d)
         self.enc_pos = nn.Embedding(cfg.max_len, d)
         self.enc_item_emb = nn.Embedding(cfg.n_items, d) if cfg.n_items > 0 else None
+        self.enc_state = nn.Linear(cfg.state_dim, d) if cfg.state_dim > 0 else None
         self.dec_emb = nn.Embedding(1 + int(sum(V)), d)  # 0 = BOS
         self.dec_pos = nn.Embedding(len(V), d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -163,16 +165,22 @@ class SemIDSeq2Seq(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # --- encoder ---------------------------------------------------------------------------
-    def encode(self, hist: torch.Tensor, pad: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, hist: torch.Tensor, pad: torch.Tensor, items: torch.Tensor | None = None,
+               states: torch.Tensor | None = None) -> torch.Tensor:
         """hist: (B, T, L) codes of history items, left-padded; pad: (B, T) True at padding;
-        items: (B, T) their item ids (read only when the net has item embeddings).
-        Returns (B, T, d) causal states (state t summarises items <= t)."""
+        items: (B, T) their item ids (read only when the net has item embeddings); states:
+        (B, T, state_dim) a pretrained encoder's state of the history up to each item (read only
+        when ``state_dim > 0``). Returns (B, T, d) causal states (state t summarises items <= t)."""
         _B, T, _L = hist.shape
         tok = self.enc_code_emb(hist.clamp(min=0) + self.offsets).sum(2)  # (B, T, d)
         if self.enc_item_emb is not None:
             if items is None:
                 raise ValueError("this network has item embeddings: encode() needs the item ids")
             tok = tok + self.enc_item_emb(items.clamp(min=0))
+        if self.enc_state is not None:
+            if states is None or tuple(states.shape[:2]) != tuple(hist.shape[:2]):
+                raise ValueError("this network reads pretrained states: encode() needs states (B, T, state_dim)")
+            tok = tok + self.enc_state(states)
         pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=hist.device)  # (T,)
         x = self.drop(tok + self.enc_pos(pos)) * (~pad).unsqueeze(-1)  # (B, T, d)
         causal = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()
@@ -213,15 +221,17 @@ class SemIDSeq2Seq(nn.Module):
 
     def forward(self, hist: torch.Tensor, pad: torch.Tensor, targets: torch.Tensor, has_target: torch.Tensor,
                 interests: tuple[torch.Tensor, torch.Tensor] | None = None,
-                items: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                items: torch.Tensor | None = None, states: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced training step.
 
         hist: (B, T, L) input items' codes; pad: (B, T); targets: (B, T, L) codes of the item after
-        position t; has_target: (B, T) bool; interests: raw ((B, T, P, E), (B, T, P)) or None.
+        position t; has_target: (B, T) bool; interests: raw ((B, T, P, E), (B, T, P)) or None;
+        items, states: see :meth:`encode`.
         Returns (log-probs (B, T, L, Vmax), mean cross-entropy per item over valid targets).
         """
         _B, T, _L = hist.shape
-        memory = self.encode(hist, pad, items)  # (B, T, d)
+        memory = self.encode(hist, pad, items, states)  # (B, T, d)
         mem_mask = torch.ones(T, T, dtype=torch.bool, device=hist.device).tril()[None] & ~pad[:, None, :]  # (B, T, T)
         mem_mask = mem_mask | torch.eye(T, dtype=torch.bool, device=hist.device)[None]
         fused = self.embed_interests(*interests) if (interests is not None and self.cfg.interest_dim > 0) else None
