@@ -38,6 +38,7 @@ SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 DATASET = "amazon-office-2014"
 HARDWARE = "2-core CPU, no GPU"
+MARGIN = 0.02  # relative NDCG@10 lead over SASRec that one run needs to count as beating it
 KS = [5, 10, 20]
 
 # Sized for the 60-minute CPU budget on a 2-core CPU that runs a second benchmark beside it (so one
@@ -59,6 +60,8 @@ LOO_PARAMS: dict[str, Any] = {
     # collaborative signal: a SASRec fitted on the same split (about 40 s) starts the rank-64 item deltas from
     # its item vectors and adds its state of the history up to each item to that item token's embedding
     "collab_init": "sasrec", "collab_state": "items", "collab_minutes": 2.0,
+    # and its logits as a residual term of every item logit (w learned): the LM learns what to add to SASRec
+    "collab_logits": True,
     # the SASRec states make the LM learn in a few hundred steps; a 40-minute budget, and more validation
     # users and patience against the noise of early stopping (patience 4 on 500 users stopped a run at step 900)
     "max_minutes": 40.0, "patience": 8, "valid_users": 1000,
@@ -67,7 +70,7 @@ NEXT10_PARAMS: dict[str, Any] = {
     **LOO_PARAMS, "target": "next-k", "next_k": 10, "padding": "repeat", "examples_per_user": 1,
     "max_minutes": 15.0, "max_prompt_tokens": 72, "eval_every": 100,
     # the recorded next-10 rows were trained without the SASRec signal, with the earlier early stopping
-    "collab_init": "none", "collab_state": "none", "patience": 4, "valid_users": 500,
+    "collab_init": "none", "collab_state": "none", "collab_logits": False, "patience": 4, "valid_users": 500,
 }
 SMOKE: dict[str, Any] = {"backbone": "random-tiny-llama", "max_minutes": 0.5, "valid_users": 50, "eval_every": 20,
                          "max_prompt_tokens": 160}
@@ -247,9 +250,17 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{loo['train_seconds'] / 60:.1f} min including model loading and validation.")]
         sas = next((r for r in result["baselines"] if r["model"] == "sasrec"), None)
         if sas:
-            beat = loo["test"]["ndcg@10"] > sas["test"]["ndcg@10"]
-            lines += ["", (f"Target (beat SASRec NDCG@10 {sas['test']['ndcg@10']:.4f} within 60 min of CPU training): "
-                      f"{'met' if beat and loo['train_seconds'] <= 3600 else 'NOT met'}.")]
+            ours, theirs = loo["test"]["ndcg@10"], sas["test"]["ndcg@10"]
+            # one run each: a lead smaller than MARGIN is a tie, not a win (validation samples of these runs
+            # already differ by more than that)
+            if ours <= theirs or loo["train_seconds"] > 3600:
+                verdict = "NOT met"
+            elif ours < theirs * (1 + MARGIN):
+                verdict = (f"NOT met in substance: {ours:.4f} is ahead by {100 * (ours / theirs - 1):.1f}%, less than "
+                           f"the {100 * MARGIN:.0f}% a single run needs to count as a win (a tie)")
+            else:
+                verdict = "met"
+            lines += ["", (f"Target (beat SASRec NDCG@10 {theirs:.4f} within 60 min of CPU training): {verdict}.")]
         else:
             lines += ["", ("SASRec has no Office row in baselines.json yet: run `python benchmarks/baselines.py "
                       "--datasets amazon-office-2014 --models sasrec` and re-run with `--table-only`.")]
