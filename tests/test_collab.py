@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from llmrec.data.splits import Split, leave_one_out
-from llmrec.models.collab import fit_width, sasrec_item_vectors, split_key, unit_rms_rows
+from llmrec.models.collab import fit_width, prefix_states, sasrec_item_vectors, split_key, unit_rms_rows
 from llmrec.models.sasrec import SASRec, SASRecConfig
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
@@ -87,3 +87,20 @@ def test_sasrec_item_vectors_cache(tmp_path: Path) -> None:
     _, info3 = sasrec_item_vectors(split, cfg, cache_dir=tmp_path)
     assert not info3["cached"]
     assert sasrec_item_vectors(split, cfg, cache_dir=tmp_path)[1]["cached"]
+
+
+def test_prefix_states_are_each_prefix_alone() -> None:
+    model = SASRec(dataclasses.replace(CFG, max_epochs=1), 8)
+    model.fit(cycle(), progress=False)
+    seqs = [np.array([0, 1, 2, 3, 4]), np.array([5]), np.array([], dtype=np.int64)]
+    out = prefix_states(model, seqs, 3)
+    assert [o.shape for o in out] == [(3, 16), (1, 16), (0, 16)]
+    for j, cut in enumerate([3, 4, 5]):  # the last 3 prefixes of the first sequence, oldest first
+        np.testing.assert_allclose(out[0][j], model.user_states([seqs[0][:cut]])[0], rtol=1e-5, atol=1e-6)
+    # a prefix's state does not depend on what follows it in the sequence
+    np.testing.assert_allclose(prefix_states(model, [np.array([0, 1, 7])], 3)[0][:2],
+                               prefix_states(model, [np.array([0, 1])], 2)[0], rtol=1e-5, atol=1e-6)
+    counts = prefix_states(model, seqs, [1, 0, 2])
+    assert [len(o) for o in counts] == [1, 0, 0]
+    with pytest.raises(ValueError, match="counts"):
+        prefix_states(model, seqs, [1, 2])
