@@ -137,3 +137,12 @@ def prefix_states(model: SASRec, sequences: Sequence[np.ndarray], last: int | Se
         out.append(flat[start : start + m])
         start += m
     return out
+
+
+def state_scale(model: SASRec, train: Sequence[np.ndarray]) -> float:
+    """1 / the mean norm of SASRec's states of the non-empty training sequences (1.0 if there are
+    none): states times this have mean norm 1, whatever scale SASRec's training gave them."""
+    seqs = [s for s in train if len(s)]
+    if not seqs:
+        return 1.0
+    return float(1.0 / max(float(np.linalg.norm(model.user_states(seqs), axis=1).mean()), 1e-8))

@@ -689,7 +689,13 @@ class ItemTokenLM(Recommender):
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
             init_collab = cfg.collab_init == "sasrec" and not resuming  # a resumed run restores its item rows
             if init_collab or cfg.collab_state != "none":
-                from llmrec.models.collab import default_cache_dir, fit_sasrec, fit_width, unit_rms_rows
+                from llmrec.models.collab import (
+                    default_cache_dir,
+                    fit_sasrec,
+                    fit_width,
+                    state_scale,
+                    unit_rms_rows,
+                )
                 from llmrec.models.sasrec import SASRecConfig
 
                 sasrec, collab_info = fit_sasrec(
@@ -700,8 +706,7 @@ class ItemTokenLM(Recommender):
                 if cfg.collab_state != "none":
                     self.collab_model, self._collab_rows = sasrec, None
                     state_dim = sasrec.config.hidden_size
-                    norms = np.linalg.norm(sasrec.user_states([s for s in split.train if len(s)]), axis=1)
-                    self.state_scale = float(1.0 / max(float(norms.mean()), 1e-8)) if len(norms) else 1.0
+                    self.state_scale = state_scale(sasrec, split.train)
             self._build(titles, n_users=len(split.train), collab=collab, state_dim=state_dim)
             net = self._require_net()
             state = self.trainable_state()

@@ -291,7 +291,13 @@ class SemanticIDRec(Recommender):
         collab_info = None
         self.collab_model = None
         if c.rq_input != "text" or c.collab_states:
-            from llmrec.models.collab import default_cache_dir, fit_sasrec, fit_width, unit_rms_rows
+            from llmrec.models.collab import (
+                default_cache_dir,
+                fit_sasrec,
+                fit_width,
+                state_scale,
+                unit_rms_rows,
+            )
             from llmrec.models.sasrec import SASRecConfig
 
             sasrec, collab_info = fit_sasrec(
@@ -304,8 +310,7 @@ class SemanticIDRec(Recommender):
                     np.concatenate([unit_rms_rows(emb), c.collab_weight * col], axis=1)  # (N, E + 64)
             if c.collab_states:
                 self.collab_model = sasrec
-                norms = np.linalg.norm(sasrec.user_states([s for s in split.train if len(s)]), axis=1)
-                self.state_scale = float(1.0 / max(float(norms.mean()), 1e-8)) if len(norms) else 1.0
+                self.state_scale = state_scale(sasrec, split.train)
         t0 = time.perf_counter()
         rq_cfg = RQVAEConfig(levels=c.rq_levels, codebook_size=c.rq_codebook_size, latent_dim=c.rq_latent_dim,
                              hidden=c.rq_hidden, steps=c.rq_steps, batch_size=c.rq_batch_size, lr=c.rq_lr,
