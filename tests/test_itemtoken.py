@@ -590,3 +590,21 @@ def test_collab_logits_add_sasrec_logits_everywhere(split: Split, tmp_path: Path
         second[np.append(h, row[0])] = -np.inf
         assert row[1] == int(np.argmax(second))
     check_states_matter_and_survive_save_load(model, split, tmp_path)
+
+
+@pytest.mark.parametrize("per_user", [0, 2])
+def test_epoch_examples_are_built_once_unless_sampled(split: Split, monkeypatch: pytest.MonkeyPatch,
+                                                      per_user: int) -> None:
+    model = ItemTokenLM(ItemTokenLMConfig(**{**TINY, "epochs": 3, "examples_per_user": per_user,
+                                             "dense": per_user == 0}), N_ITEMS)  # type: ignore[arg-type]
+    built_for: list[int] = []
+    original = ItemTokenLM._epoch_examples
+
+    def counting(self: ItemTokenLM, train: object, epoch: int) -> object:
+        built_for.append(epoch)
+        return original(self, train, epoch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ItemTokenLM, "_epoch_examples", counting)
+    model.fit(split, progress=False)
+    # the same cut points every epoch: built once; cut points sampled per epoch: built for each epoch
+    assert built_for == ([0] if per_user == 0 else [0, 1, 2])
