@@ -50,7 +50,14 @@ from llmrec.data.splits import Padding, Split, pad_targets
 from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
-from llmrec.models.collab import prefix_states
+from llmrec.models.collab import (
+    default_cache_dir,
+    fit_sasrec,
+    fit_width,
+    prefix_states,
+    state_scale,
+    unit_rms_rows,
+)
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
 from llmrec.models.llm.prompts import (
     IGNORE,
@@ -60,6 +67,7 @@ from llmrec.models.llm.prompts import (
     training_example,
     user_token,
 )
+from llmrec.models.sasrec import SASRec, SASRecConfig
 from llmrec.models.training import EarlyStopping, lr_factor
 
 STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_state = "token"``
@@ -689,15 +697,6 @@ class ItemTokenLM(Recommender):
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
             init_collab = cfg.collab_init == "sasrec" and not resuming  # a resumed run restores its item rows
             if init_collab or cfg.collab_state != "none":
-                from llmrec.models.collab import (
-                    default_cache_dir,
-                    fit_sasrec,
-                    fit_width,
-                    state_scale,
-                    unit_rms_rows,
-                )
-                from llmrec.models.sasrec import SASRecConfig
-
                 sasrec, collab_info = fit_sasrec(
                     split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress,
                     cache_dir=default_cache_dir() if cfg.collab_cache else None)
@@ -949,7 +948,6 @@ class ItemTokenLM(Recommender):
         state_dim = 0
         if self.config.collab_state != "none":
             from llmrec.config import from_dict
-            from llmrec.models.sasrec import SASRec, SASRecConfig
 
             if "collab_state" not in extra:
                 raise ValueError("itemtoken-lm: collab_state is set but the saved model has no SASRec")
