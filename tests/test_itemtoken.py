@@ -532,8 +532,8 @@ def test_collab_state_items_adds_causal_sasrec_states(split: Split, tmp_path: Pa
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=7), min_size=1, max_size=3).filter(
-    lambda rows: len({len(r) for r in rows}) == 1))
+@given(st.integers(1, 7).flatmap(lambda width: st.lists(st.lists(st.booleans(), min_size=width, max_size=width),
+                                                         min_size=1, max_size=3)))
 def test_latest_states_carry_the_last_state_forward(has: list[list[bool]]) -> None:
     mask = np.array(has)  # (B, L): positions that hold a state
     rng = np.random.default_rng(len(has))

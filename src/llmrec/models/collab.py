@@ -118,9 +118,10 @@ def unit_rms_rows(vectors: np.ndarray) -> np.ndarray:
 
 def prefix_states(model: SASRec, sequences: Sequence[np.ndarray], last: int | Sequence[int]) -> list[np.ndarray]:
     """For each sequence (dataset item ids) the (m, hidden_size) float32 SASRec states of its last
-    ``m = min(last, len)`` prefixes (``last`` one count for all, or one per sequence), oldest first: row j is the state of the sequence up to and
-    including its ``len - m + j``-th item, computed on that prefix alone (SASRec's positions count
-    from the newest item, so a longer input would shift them): no row sees a later item."""
+    ``m = min(last, len)`` prefixes (``last``: one count for all, or one per sequence), oldest
+    first: row j is the state of the sequence up to and including its ``len - m + j``-th item,
+    computed on that prefix alone (SASRec's positions count from the newest item, so a longer
+    input would shift them): no row sees a later item."""
     counts = [int(last)] * len(sequences) if isinstance(last, (int, np.integer)) else [int(x) for x in last]
     if len(counts) != len(sequences):
         raise ValueError(f"{len(counts)} prefix counts for {len(sequences)} sequences")
@@ -146,3 +147,25 @@ def state_scale(model: SASRec, train: Sequence[np.ndarray]) -> float:
     if not seqs:
         return 1.0
     return float(1.0 / max(float(np.linalg.norm(model.user_states(seqs), axis=1).mean()), 1e-8))
+
+
+def pack_frozen(model: SASRec, scale: float) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A frozen SASRec (and its state scale) as ``collab.*`` tensors and an ``extra`` entry, so that
+    it travels inside the saved files of the model that reads its states (see :func:`unpack_frozen`)."""
+    tensors, _ = model._state()
+    entry = {"sasrec_config": dataclasses.asdict(model.config), "state_scale": float(scale)}
+    return {f"collab.{k}": v for k, v in tensors.items()}, entry
+
+
+def unpack_frozen(tensors: dict[str, np.ndarray], extra: dict[str, Any], n_items: int,
+                  owner: str) -> tuple[SASRec, float]:
+    """The SASRec and state scale that :func:`pack_frozen` stored in ``tensors`` (its ``collab.*``
+    entries) and ``extra["collab_state"]``; ``owner`` names the model in the error when they are missing."""
+    from llmrec.config import from_dict
+
+    if "collab_state" not in extra:
+        raise ValueError(f"{owner}: its config reads SASRec states but the saved model has no SASRec")
+    entry = extra["collab_state"]
+    model = SASRec(from_dict(SASRecConfig, entry["sasrec_config"]), n_items)
+    model._load_state({k[len("collab."):]: v for k, v in tensors.items() if k.startswith("collab.")}, {})
+    return model, float(entry["state_scale"])

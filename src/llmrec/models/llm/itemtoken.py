@@ -54,9 +54,11 @@ from llmrec.models.collab import (
     default_cache_dir,
     fit_sasrec,
     fit_width,
+    pack_frozen,
     prefix_states,
     state_scale,
     unit_rms_rows,
+    unpack_frozen,
 )
 from llmrec.models.llm.backbone import DEFAULT_BACKBONE
 from llmrec.models.llm.prompts import (
@@ -67,7 +69,7 @@ from llmrec.models.llm.prompts import (
     training_example,
     user_token,
 )
-from llmrec.models.sasrec import SASRec, SASRecConfig
+from llmrec.models.sasrec import SASRecConfig
 from llmrec.models.training import EarlyStopping, lr_factor
 
 STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_state = "token"``
@@ -939,24 +941,16 @@ class ItemTokenLM(Recommender):
         extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
                  "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
         if self.collab_model is not None:  # the frozen SASRec of collab_state travels with the model
-            sas_tensors, _ = self.collab_model._state()
-            tensors.update({f"collab.{k}": v for k, v in sas_tensors.items()})
-            extra["collab_state"] = {"sasrec_config": asdict(self.collab_model.config), "state_scale": self.state_scale}
+            sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
+            tensors.update(sas_tensors)
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         state_dim = 0
         if self.config.collab_state != "none":
-            from llmrec.config import from_dict
-
-            if "collab_state" not in extra:
-                raise ValueError("itemtoken-lm: collab_state is set but the saved model has no SASRec")
-            sas_cfg = from_dict(SASRecConfig, extra["collab_state"]["sasrec_config"])
-            self.collab_model, self._collab_rows = SASRec(sas_cfg, self.n_items), None
-            self.collab_model._load_state({k[len("collab."):]: v for k, v in tensors.items()
-                                           if k.startswith("collab.")}, {})
-            self.state_scale = float(extra["collab_state"]["state_scale"])
-            state_dim = sas_cfg.hidden_size
+            sasrec, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "itemtoken-lm")
+            self.collab_model, self._collab_rows = sasrec, None
+            state_dim = sasrec.config.hidden_size
         tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}
         old = self._set_threads()
         try:

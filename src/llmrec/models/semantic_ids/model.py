@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -534,9 +534,10 @@ class SemanticIDRec(Recommender):
             "items": [[it.title, list(it.categories), it.brand] for it in self.items],
         }
         if self.collab_model is not None:  # the frozen SASRec of collab_states travels with the model
-            sas_tensors, _ = self.collab_model._state()
-            tensors.update({f"collab.{k}": v for k, v in sas_tensors.items()})
-            extra["collab_state"] = {"sasrec_config": asdict(self.collab_model.config), "state_scale": self.state_scale}
+            from llmrec.models.collab import pack_frozen
+
+            sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
+            tensors.update(sas_tensors)
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
@@ -545,16 +546,9 @@ class SemanticIDRec(Recommender):
         self.rq_stats = extra.get("rqvae", {})
         self.collab_model = None
         if self.config.collab_states:
-            from llmrec.config import from_dict
-            from llmrec.models.sasrec import SASRec, SASRecConfig
+            from llmrec.models.collab import unpack_frozen
 
-            if "collab_state" not in extra:
-                raise ValueError("semantic-id: collab_states is set but the saved model has no SASRec")
-            sas_cfg = from_dict(SASRecConfig, extra["collab_state"]["sasrec_config"])
-            self.collab_model = SASRec(sas_cfg, self.n_items)
-            self.collab_model._load_state({k[len("collab."):]: v for k, v in tensors.items()
-                                           if k.startswith("collab.")}, {})
-            self.state_scale = float(extra["collab_state"]["state_scale"])
+            self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "semantic-id")
         self._build_net(tuple(int(v) for v in extra["vocab_sizes"]), int(extra["interest_dim"]))
         assert self.net is not None
         state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("net.")}
