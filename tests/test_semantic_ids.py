@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmrec.data.dataset import Catalog
 from llmrec.data.splits import Split, leave_one_out
@@ -18,7 +20,7 @@ from llmrec.models.registry import build_model
 from llmrec.models.semantic_ids.embed import EmbeddingCache, HashEmbedder, get_embedder
 from llmrec.models.semantic_ids.model import SemanticIDRec
 from llmrec.models.semantic_ids.rqvae import RQVAEConfig, code_stats, resolve_collisions, train_rqvae
-from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
+from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search, group_logsumexp
 
 N_ITEMS = 20
 TINY = {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8, "rq_hidden": 32,
@@ -111,8 +113,9 @@ def _exact_logprob(net: SemIDSeq2Seq, codes: np.ndarray, memory: torch.Tensor, m
     return logp.gather(-1, c[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)  # (B, G)
 
 
+@pytest.mark.parametrize("with_prior", [False, True])
 @pytest.mark.parametrize("beam", [1, 3, 7, 40, 60])
-def test_constrained_beam_search_only_yields_valid_allowed_items(beam: int) -> None:
+def test_constrained_beam_search_only_yields_valid_allowed_items(beam: int, with_prior: bool) -> None:
     net, trie, codes = _random_net_and_trie()
     B, T, N = 5, 4, len(codes)
     gen = torch.Generator().manual_seed(1)
@@ -125,8 +128,11 @@ def test_constrained_beam_search_only_yields_valid_allowed_items(beam: int) -> N
         allowed = torch.rand(B, N, generator=gen) > 0.3
         allowed[1] = False
         allowed[1, 7] = True  # a user for whom a single item is left
-        items, scores = beam_search(net, trie, memory, ~pad, fused, allowed, beam)
+        prior = 3.0 * torch.randn(B, N, generator=gen) if with_prior else None
+        items, scores = beam_search(net, trie, memory, ~pad, fused, allowed, beam, prior=prior)
         exact = _exact_logprob(net, codes, memory, ~pad, fused)
+        if prior is not None:  # the product of experts: + the prior's log-probability among allowed items
+            exact = exact + prior - torch.logsumexp(prior.masked_fill(~allowed, -torch.inf), 1, keepdim=True)
     for b in range(B):
         got = items[b][items[b] >= 0]
         assert len(set(got.tolist())) == len(got)  # distinct
@@ -138,6 +144,37 @@ def test_constrained_beam_search_only_yields_valid_allowed_items(beam: int) -> N
         if beam >= int(allowed[b].sum()):  # a wide beam enumerates every allowed item: exact ranking
             expected = torch.argsort(exact[b].masked_fill(~allowed[b], -torch.inf), descending=True)[: len(got)]
             assert set(got.tolist()) == set(expected.tolist())
+
+
+def test_a_dominant_prior_makes_the_beam_follow_it() -> None:
+    net, trie, codes = _random_net_and_trie(3)
+    B, N = 4, len(codes)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        memory = net.encode(trie.codes[torch.randint(0, N, (B, 3), generator=gen)], torch.zeros(B, 3, dtype=torch.bool))
+        allowed = torch.rand(B, N, generator=gen) > 0.2
+        prior = 1e4 * torch.randn(B, N, generator=gen)
+        items, _ = beam_search(net, trie, memory, torch.ones(B, 3, dtype=torch.bool), None, allowed, 5, prior=prior)
+    expected = prior.masked_fill(~allowed, -torch.inf).argsort(1, descending=True)[:, :5]
+    torch.testing.assert_close(items, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda n_groups: st.tuples(
+    st.lists(st.integers(0, n_groups - 1), min_size=1, max_size=12), st.just(n_groups))),
+       st.integers(0, 2**31 - 1))
+def test_group_logsumexp_matches_a_loop(groups: tuple[list[int], int], seed: int) -> None:
+    group, n_groups = groups
+    rng = np.random.default_rng(seed)
+    vals = rng.normal(scale=30.0, size=(2, len(group)))
+    vals[rng.random(vals.shape) < 0.3] = -np.inf  # excluded items
+    got = group_logsumexp(torch.from_numpy(vals), torch.tensor(group), n_groups).numpy()
+    for b in range(2):
+        for g in range(n_groups):
+            v = vals[b][np.asarray(group) == g]
+            v = v[np.isfinite(v)]
+            want = -np.inf if len(v) == 0 else v.max() + np.log(np.exp(v - v.max()).sum())
+            assert got[b, g] == pytest.approx(want, abs=1e-9) if np.isfinite(want) else got[b, g] == -np.inf
 
 
 def test_trie_rejects_duplicate_tuples() -> None:
@@ -338,3 +375,31 @@ def test_collaborative_states_feed_the_encoder(split: Split, tmp_path: Path) -> 
     np.testing.assert_array_equal(loaded.recommend(hists, k=5)[0], m.recommend(hists, k=5)[0])
     with pytest.raises(ValueError, match="states"):
         m.net.encode(torch.zeros(1, 3, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
+
+
+def test_sasrec_prior_is_chosen_on_validation_and_saved(split: Split, tmp_path: Path) -> None:
+    m = build_model("semantic-id", {**TINY, "use_interests": False, "max_epochs": 3, "collab_cache": False,
+                                    "collab_minutes": 0.2, "collab_prior_grid": [0.5, 2.0], "prior_valid_users": 0},
+                    N_ITEMS)
+    assert isinstance(m, SemanticIDRec)
+    info = m.fit(split, progress=False)
+    pick = info["collab_prior"]
+    assert pick is not None and pick["weights"] == [0.0, 0.5, 2.0] and pick["valid_users"] == len(split.valid)
+    assert m.prior_weight == pick["chosen"] == pick["weights"][int(np.argmax(pick["valid_ndcg@10"]))]
+    assert m.collab_model is not None and m.net is not None and m.net.enc_state is None  # prior only, no states
+    hists = split.test.histories[:6]
+    m.prior_weight = 0.0
+    alone = m.score(hists)
+    m.prior_weight = 1.5
+    with_prior = m.score(hists)
+    sas = torch.log_softmax(1.5 * torch.from_numpy(m.collab_model.score(hists)), 1).numpy()
+    np.testing.assert_allclose(with_prior - alone, sas, rtol=1e-4, atol=1e-4)  # exact product of experts
+    # with every item allowed, beam scores of the returned items are those exact scores
+    ids, sc = m.recommend(hists, k=5, exclude_seen=False)
+    np.testing.assert_allclose(sc, np.take_along_axis(with_prior, ids, 1), rtol=1e-4, atol=1e-4)
+    # save/load keeps the weight and the SASRec
+    loaded = SemanticIDRec.load(_saved(m, tmp_path))
+    assert loaded.prior_weight == 1.5
+    np.testing.assert_array_equal(loaded.recommend(hists, k=5)[0], m.recommend(hists, k=5)[0])
+    with pytest.raises(ValueError, match="collab_prior"):
+        build_model("semantic-id", {**TINY, "collab_prior": -1.0}, N_ITEMS)

@@ -11,6 +11,10 @@ Two inference paths:
 - ``score``: exact sequence log-probability of every catalogue item's code tuple (teacher
   forcing, all items batched), a dense full-ranking matrix; ``recommend_mode="exact"`` ranks it.
 
+Both can add a prior (``collab_prior`` = w): the item's log-probability under softmax(w x the logits
+of a SASRec fitted on the same training split), a product of experts; beam search spreads it over
+the code levels.
+
 Interests of a history come from its item texts via the configured extractor (``keyword``,
 ``llm`` or ``openai``; LLM ones cached on disk per history). Training interests are those of the
 prefix the target follows (prefix lengths rounded down to a multiple of ``interest_stride``), so
@@ -22,14 +26,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llmrec.data.splits import PAD_ITEM, Split
+from llmrec.data.splits import PAD_ITEM, EvalSet, Split
 from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
@@ -63,6 +67,13 @@ class SemanticIDConfig:
     # a pretrained sequence encoder beside the codes: each history token also reads (through a trainable
     # linear map) the state of that SASRec (frozen) of the history up to and including its item
     collab_states: bool = False
+    # product of experts with that SASRec at inference: an item's score is the generator's log-probability
+    # of its codes + the item's log-probability under softmax(collab_prior x SASRec's logits) (beam search
+    # ranks partial code prefixes by that distribution's mass under them). 0 = the generator alone. With a grid, fit picks the
+    # weight from collab_prior and the grid by NDCG@10 on prior_valid_users validation users (never test).
+    collab_prior: float = 0.0
+    collab_prior_grid: list[float] = field(default_factory=list)
+    prior_valid_users: int = 5000  # 0 = all validation users
     rq_levels: int = 3
     rq_codebook_size: int = 256
     rq_latent_dim: int = 32
@@ -126,6 +137,15 @@ class SemanticIDConfig:
             raise ValueError("max_minutes must be > 0")
         if self.collab_weight <= 0 or self.collab_minutes <= 0:
             raise ValueError("collab_weight and collab_minutes must be > 0")
+        if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
+            raise ValueError("collab_prior and collab_prior_grid weights must be >= 0")
+        if self.prior_valid_users < 0:
+            raise ValueError("prior_valid_users must be >= 0")
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether inference may add the SASRec prior (so the fitted SASRec is kept and saved)."""
+        return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
         if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
             raise ValueError("interests='openai' needs openai_url and openai_model")
 
@@ -152,7 +172,8 @@ class SemanticIDRec(Recommender):
         self._embedder = None
         self._extractor: InterestExtractor | None = None
         self._phrase_vecs: dict[str, np.ndarray] = {}
-        self.collab_model: Any = None  # the frozen SASRec of ``collab_states``
+        self.collab_model: Any = None  # the frozen SASRec of ``collab_states`` / ``collab_prior``
+        self.prior_weight = config.collab_prior  # the SASRec prior's weight in use (fit may pick it on validation)
         self.state_scale = 1.0  # its states are multiplied by this (mean training state norm -> 1)
 
     # --- text, embeddings, interests --------------------------------------------------------
@@ -290,7 +311,7 @@ class SemanticIDRec(Recommender):
         embed_s = time.perf_counter() - t0
         collab_info = None
         self.collab_model = None
-        if c.rq_input != "text" or c.collab_states:
+        if c.rq_input != "text" or c.collab_states or c.uses_prior:
             from llmrec.models.collab import (
                 default_cache_dir,
                 fit_sasrec,
@@ -308,7 +329,7 @@ class SemanticIDRec(Recommender):
                 col = unit_rms_rows(fit_width(vecs, vecs.shape[1]))  # (N, 64) centred, mean norm 1
                 emb = c.collab_weight * col if c.rq_input == "sasrec" else \
                     np.concatenate([unit_rms_rows(emb), c.collab_weight * col], axis=1)  # (N, E + 64)
-            if c.collab_states:
+            if c.collab_states or c.uses_prior:
                 self.collab_model = sasrec
                 self.state_scale = state_scale(sasrec, split.train)
         t0 = time.perf_counter()
@@ -406,6 +427,10 @@ class SemanticIDRec(Recommender):
         if len(valid) and stopper.best_state is not None:
             self.net.load_state_dict(stopper.best_state)
         self.net.eval()
+        prior_info = None
+        if c.collab_prior_grid and len(split.valid):
+            prior_info = self.choose_prior(split.valid, [c.collab_prior, *c.collab_prior_grid],
+                                           c.prior_valid_users, seed=c.seed)
         return {
             "epochs": epoch, "best_epoch": stopper.best_at if len(valid) else epoch,
             "best_valid_ndcg@10": stopper.best if len(valid) else float("nan"),
@@ -414,7 +439,41 @@ class SemanticIDRec(Recommender):
             "interest_seconds": interest_s, "rqvae": self.rq_stats, "collab": collab_info, "history": history,
             "n_parameters": int(sum(p.numel() for p in self.net.parameters())),
             "interest_extractor": self.extractor.cache_id if c.use_interests else None,
+            "collab_prior": prior_info,
         }
+
+    def choose_prior(self, valid: EvalSet, weights: Sequence[float], n_users: int = 0,
+                     seed: int = 0) -> dict[str, Any]:
+        """Set :attr:`prior_weight` to the weight of ``weights`` with the best NDCG@10 of beam search
+        on ``n_users`` users sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all;
+        ties go to the smaller weight). Returns ``{"weights", "valid_ndcg@10", "chosen", "valid_users",
+        "seconds"}``."""
+        self._check_fitted()
+        if self.collab_model is None:
+            raise RuntimeError("semantic-id: the SASRec prior needs the model's SASRec (collab_states or collab_prior)")
+        t0 = time.perf_counter()
+        if n_users and len(valid) > n_users:
+            valid = valid.subset(np.sort(np.random.default_rng(seed).choice(len(valid), n_users, replace=False)))
+        ws = sorted({float(w) for w in weights})
+        if any(w < 0 for w in ws) or not ws:
+            raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
+        scores = []
+        for w in ws:
+            self.prior_weight = w
+            ranked, _ = self.recommend(valid.histories, k=10, batch_size=self.config.eval_batch_size)
+            scores.append(float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"])))
+        best = int(np.argmax(scores))  # first maximum: the smallest weight among ties
+        self.prior_weight = ws[best]
+        return {"weights": ws, "valid_ndcg@10": scores, "chosen": ws[best], "valid_users": len(valid),
+                "seconds": time.perf_counter() - t0}
+
+    def _prior(self, histories: Sequence[np.ndarray]) -> torch.Tensor | None:
+        """(B, N) ``prior_weight`` x SASRec's next-item logits of the histories, or None at weight 0."""
+        if self.prior_weight <= 0:
+            return None
+        if self.collab_model is None:
+            raise RuntimeError("semantic-id: collab_prior > 0 needs the model's SASRec (fit or load the model)")
+        return self.prior_weight * torch.from_numpy(self.collab_model.score(histories)).to(self.device)
 
     def _training_interests(self, seqs: list[np.ndarray], progress: bool) -> tuple[np.ndarray, torch.Tensor]:
         """Phrase ids (R, max_len, P) (-1 = none) for every input position, and the phrase table (V, E).
@@ -456,7 +515,9 @@ class SemanticIDRec(Recommender):
             raise RuntimeError("semantic-id: model is not fitted")
 
     def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
-        """(n, n_items) float32 exact log-probability of each item's code tuple (full ranking)."""
+        """(n, n_items) float32 exact log-probability of each item's code tuple (full ranking), plus,
+        when the prior is on, the item's log-probability under SASRec's softmax of ``prior_weight`` x
+        its logits (SASRec at temperature 1 / w)."""
         self._check_fitted()
         assert self.net is not None
         old = self._set_threads()
@@ -471,13 +532,18 @@ class SemanticIDRec(Recommender):
                     batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + user_chunk]]
                     memory, mem_mask, fused = self._encode_histories(batch)
                     B = len(batch)
+                    prior = self._prior(batch)
+                    if prior is not None:  # + the log-probability of each item under SASRec at temperature 1/w
+                        out[s : s + B] = torch.log_softmax(prior, dim=1).float().cpu().numpy()
+                    else:
+                        out[s : s + B] = 0.0
                     for i0 in range(0, self.n_items, item_chunk):
                         tgt = codes[i0 : i0 + item_chunk]  # (G, L)
                         G = tgt.shape[0]
                         logp = self.net.decode(tgt[None, :, :-1].expand(B, G, -1), memory,
                                                mem_mask[:, None, :].expand(B, G, -1), fused)  # (B, G, L, Vmax)
                         ll = logp.gather(-1, tgt[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)
-                        out[s : s + B, i0 : i0 + G] = ll.float().cpu().numpy()
+                        out[s : s + B, i0 : i0 + G] += ll.float().cpu().numpy()
         finally:
             torch.set_num_threads(old)
         return out
@@ -506,7 +572,7 @@ class SemanticIDRec(Recommender):
                             allowed[b, torch.from_numpy(h).to(self.device)] = False
                     memory, mem_mask, fused = self._encode_histories(batch)
                     items, scores = beam_search(self.net, self.trie, memory, mem_mask, fused, allowed,
-                                                max(self.config.beam_size, k))
+                                                max(self.config.beam_size, k), prior=self._prior(batch))
                     ids = np.full((len(batch), k), PAD_ITEM, dtype=np.int64)
                     sc = np.full((len(batch), k), -np.inf, dtype=np.float32)
                     m = min(k, items.shape[1])
@@ -533,7 +599,8 @@ class SemanticIDRec(Recommender):
             "rqvae": self.rq_stats,
             "items": [[it.title, list(it.categories), it.brand] for it in self.items],
         }
-        if self.collab_model is not None:  # the frozen SASRec of collab_states travels with the model
+        extra["collab_prior"] = float(self.prior_weight)
+        if self.collab_model is not None:  # the frozen SASRec of collab_states / the prior travels with the model
             from llmrec.models.collab import pack_frozen
 
             sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
@@ -545,7 +612,8 @@ class SemanticIDRec(Recommender):
         self.items = [ItemText(t, tuple(cs), b) for t, cs, b in extra["items"]]
         self.rq_stats = extra.get("rqvae", {})
         self.collab_model = None
-        if self.config.collab_states:
+        self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
+        if self.config.collab_states or self.prior_weight > 0:
             from llmrec.models.collab import unpack_frozen
 
             self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "semantic-id")

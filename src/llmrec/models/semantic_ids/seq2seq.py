@@ -279,19 +279,39 @@ class CodeTrie:
         return self
 
 
+def group_logsumexp(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """values: (B, N) (-inf allowed); group: (N,) ids in [0, n_groups). Returns (B, n_groups):
+    log-sum-exp of each group's values (-inf for a group with no finite value)."""
+    B = values.shape[0]
+    idx = group[None, :].expand(B, -1)
+    top = torch.full((B, n_groups), float("-inf"), dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(1, idx, values, reduce="amax", include_self=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros_like(top).scatter_add_(1, idx, torch.exp(values - top.gather(1, idx)))
+    return torch.log(total) + top
+
+
 @torch.no_grad()
 def beam_search(net: SemIDSeq2Seq, trie: CodeTrie, memory: torch.Tensor, mem_mask: torch.Tensor,
                 interests: tuple[torch.Tensor, torch.Tensor] | None, allowed: torch.Tensor,
-                beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+                beam: int, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Constrained beam search: every finished beam is a real, allowed item.
 
     memory: (B, T, d); mem_mask: (B, T); interests: fused ((B, 1, P+1, d), (B, 1, P+1)) or None;
     allowed: (B, N) bool (False for excluded items, e.g. the history). A prefix survives only if
-    some allowed item extends it. Returns (items (B, beam) int64, -1 where fewer exist;
-    log-probs (B, beam) float, -inf there), best first.
+    some allowed item extends it. ``prior``: optional (B, N) item log-weights (e.g. ``w`` times
+    another model's logits); a finished item's score then gains ``prior_i - logsumexp(prior over
+    allowed items)``, spread over the levels as the prior's conditional log-probability of each
+    code given the prefix (its marginals over the items under each prefix), so partial beams are
+    ranked by the product of both models too. Returns (items (B, beam) int64, -1 where fewer exist;
+    scores (B, beam) float, -inf there), best first.
     """
     B = memory.shape[0]
     dev = memory.device
+    marg: list[torch.Tensor] = []  # marg[l]: (B, n_prefix[l]) log prior mass under each length-l prefix
+    if prior is not None:
+        masked = prior.float().masked_fill(~allowed, float("-inf"))  # (B, N)
+        marg = [group_logsumexp(masked, trie.prefix_id[lv], trie.n_prefix[lv]) for lv in range(trie.L + 1)]
     prefix = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, W) prefix ids at level 0
     scores = torch.zeros(B, 1, device=dev)  # (B, W)
     codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)  # (B, W, l)
@@ -308,7 +328,12 @@ def beam_search(net: SemIDSeq2Seq, trie: CodeTrie, memory: torch.Tensor, mem_mas
         b_idx, i_idx = torch.nonzero(allowed & (slot_items >= 0), as_tuple=True)
         valid = torch.zeros(B, W, V, dtype=torch.bool, device=dev)
         valid[b_idx, slot_items[b_idx, i_idx], trie.codes[i_idx, lv]] = True
-        cand = (scores[:, :, None] + logp).masked_fill(~valid, float("-inf")).view(B, W * V)
+        step = scores[:, :, None] + logp  # (B, W, V)
+        if marg:  # + log prior(code | prefix) = marginal of the child prefix - marginal of the prefix
+            child = F.pad(trie.child[lv][prefix].clamp(min=0), (0, V - trie.child[lv].shape[1]))  # (B, W, V)
+            step = step + marg[lv + 1].gather(1, child.view(B, W * V)).view(B, W, V) \
+                - marg[lv].gather(1, prefix)[:, :, None]
+        cand = step.masked_fill(~valid, float("-inf")).view(B, W * V)
         k = min(beam, W * V)
         top, idx = cand.topk(k, dim=1)  # (B, k)
         parent, code = idx // V, idx % V
