@@ -55,7 +55,7 @@ RECIPES: dict[str, dict[str, object]] = {
     # v7: v5 + SASRec as a decoding prior (product of experts, weight picked on 5000 validation users after
     # training). The prior does not change training, so `--prior-from v5` builds v7 rows from the saved v5 runs.
     "v7": {"rq_input": "text+sasrec", "collab_states": True, "collab_minutes": 10.0, "patience": 10, "min_epochs": 15,
-           "collab_prior_grid": [0.25, 0.5, 1.0, 2.0, 4.0], "prior_valid_users": 5000},
+           "collab_prior_grid": [0.5, 1.0, 2.0, 4.0, 8.0], "prior_valid_users": 5000},
 }
 
 
@@ -208,7 +208,7 @@ def markdown(data: dict[str, object]) -> str:
               "experts: an item's score is the generator's log-probability of its codes plus its log-probability "
               "under softmax(w x SASRec's logits), spread over the code levels inside the beam search (each level "
               "adds the prior's conditional log-probability of the code given the prefix); w = 0 is the generator "
-              "alone, and w is picked from {0, 0.25, 0.5, 1, 2, 4} by NDCG@10 of 5000 validation users after training. "
+              "alone, and w is picked from {0, 0.5, 1, 2, 4, 8} by NDCG@10 of 5000 validation users after training. "
               "The prior leaves training unchanged, so the v7 rows reuse the saved v5 models of the same seeds "
               "(`--recipe v7 --prior-from v5`); their train min include the weight selection."), "",
              "| dataset | recipe | interest fusion | extractor | seeds | " + " | ".join(METRICS)
