@@ -97,6 +97,7 @@ def prior_row(dataset: str, seed: int, use_interests: bool, extractor: str, work
               base: str, target: str) -> dict[str, object]:
     """Recipe ``target`` from the saved ``base`` run of the same dataset, seed and fusion: choose the SASRec
     prior's weight on validation users (``RECIPES[target]``'s grid), then evaluate on test."""
+    from llmrec.eval.protocol import evaluate_full
     from llmrec.runs import EvalConfig, evaluate_run, load_run
 
     spec = RECIPES[target]
@@ -113,8 +114,11 @@ def prior_row(dataset: str, seed: int, use_interests: bool, extractor: str, work
     t0 = time.perf_counter()
     result = evaluate_run(run, EvalConfig(ks=KS), progress=False, write=False)
     eval_s = time.perf_counter() - t0
+    # the prior alone, for a paired comparison: the same SASRec (same seed and split), full ranking on test
+    alone = evaluate_full(run.model.collab_model, run.split.test, ks=KS, progress=False)  # type: ignore[attr-defined]
     row = dict(prev[0])
     row.update({"recipe": target, "test": result.overall, "prior": pick, "prior_from": base,
+                "prior_alone_test": {m: alone.overall[m] for m in METRICS},
                 "train_seconds": float(row["train_seconds"]) + select_s, "eval_seconds": eval_s,
                 "peak_rss_mb": max(float(row["peak_rss_mb"]),  # type: ignore[arg-type]
                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
@@ -255,14 +259,19 @@ def markdown(data: dict[str, object]) -> str:
         ws = priors[0]["prior"]["weights"]
         lines += ["", "## SASRec prior weight, chosen on validation", "",
                   ("Validation NDCG@10 (beam search, the named number of validation users) for each prior weight w; "
-                   "w = 0 is the generator alone; the chosen weight is then evaluated on test (table above)."), "",
+                   "w = 0 is the generator alone; the chosen weight is then evaluated on test (table above). "
+                   "\"SASRec alone\" is the prior by itself: the very SASRec of that seed and split, full ranking on test, "
+                   "a paired comparison."), "",
                   "| dataset | recipe | fusion | seed | valid users | " + " | ".join(f"w={w:g}" for w in ws)
-                  + " | chosen w | select s |", "|---|---|---|---:|---:|" + "---:|" * (len(ws) + 2)]
+                  + " | chosen w | select s | test ndcg@10 | SASRec alone test ndcg@10 | test recall@10 | "
+                  "SASRec alone test recall@10 |", "|---|---|---|---:|---:|" + "---:|" * (len(ws) + 6)]
         for r in sorted(priors, key=lambda r: (r["dataset"], r["recipe"], not r["interest_fusion"], r["seed"])):
             p = r["prior"]
             lines.append(f"| {r['dataset']} | {r['recipe']} | {'on' if r['interest_fusion'] else 'off'} | {r['seed']} | "
                          f"{p['valid_users']} | " + " | ".join(f"{v:.4f}" for v in p["valid_ndcg@10"])
-                         + f" | {p['chosen']:g} | {p['seconds']:.0f} |")
+                         + f" | {p['chosen']:g} | {p['seconds']:.0f} | {r['test']['ndcg@10']:.4f} | "
+                         f"{r['prior_alone_test']['ndcg@10']:.4f} | {r['test']['recall@10']:.4f} | "
+                         f"{r['prior_alone_test']['recall@10']:.4f} |")
     tp = data.get("llm_throughput")
     if tp:
         lines += ["", "## LLM interest extractor throughput", "",
