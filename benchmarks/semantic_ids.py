@@ -267,11 +267,11 @@ def markdown(data: dict[str, object]) -> str:
                   "SASRec alone test recall@10 |", "|---|---|---|---:|---:|" + "---:|" * (len(ws) + 6)]
         for r in sorted(priors, key=lambda r: (r["dataset"], r["recipe"], not r["interest_fusion"], r["seed"])):
             p = r["prior"]
+            alone = r.get("prior_alone_test") or {"ndcg@10": float("nan"), "recall@10": float("nan")}
             lines.append(f"| {r['dataset']} | {r['recipe']} | {'on' if r['interest_fusion'] else 'off'} | {r['seed']} | "
                          f"{p['valid_users']} | " + " | ".join(f"{v:.4f}" for v in p["valid_ndcg@10"])
                          + f" | {p['chosen']:g} | {p['seconds']:.0f} | {r['test']['ndcg@10']:.4f} | "
-                         f"{r['prior_alone_test']['ndcg@10']:.4f} | {r['test']['recall@10']:.4f} | "
-                         f"{r['prior_alone_test']['recall@10']:.4f} |")
+                         f"{alone['ndcg@10']:.4f} | {r['test']['recall@10']:.4f} | {alone['recall@10']:.4f} |")
     tp = data.get("llm_throughput")
     if tp:
         lines += ["", "## LLM interest extractor throughput", "",
