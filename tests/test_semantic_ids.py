@@ -403,3 +403,9 @@ def test_sasrec_prior_is_chosen_on_validation_and_saved(split: Split, tmp_path: 
     np.testing.assert_array_equal(loaded.recommend(hists, k=5)[0], m.recommend(hists, k=5)[0])
     with pytest.raises(ValueError, match="collab_prior"):
         build_model("semantic-id", {**TINY, "collab_prior": -1.0}, N_ITEMS)
+
+
+def test_openai_extractor_needs_url_and_model() -> None:
+    with pytest.raises(ValueError, match="openai_url and openai_model"):
+        build_model("semantic-id", {**TINY, "interests": "openai"}, N_ITEMS)
+    build_model("semantic-id", {**TINY, "interests": "openai", "use_interests": False}, N_ITEMS)  # not read: fine

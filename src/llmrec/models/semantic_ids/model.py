@@ -141,13 +141,13 @@ class SemanticIDConfig:
             raise ValueError("collab_prior and collab_prior_grid weights must be >= 0")
         if self.prior_valid_users < 0:
             raise ValueError("prior_valid_users must be >= 0")
+        if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
+            raise ValueError("interests='openai' needs openai_url and openai_model")
 
     @property
     def uses_prior(self) -> bool:
         """Whether inference may add the SASRec prior (so the fitted SASRec is kept and saved)."""
         return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
-        if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
-            raise ValueError("interests='openai' needs openai_url and openai_model")
 
 
 def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epochs: int) -> float:
