@@ -59,6 +59,11 @@ RECIPES: dict[str, dict[str, object]] = {
 }
 
 
+def run_tag(dataset: str, recipe: str, use_interests: bool, extractor: str, seed: int) -> str:
+    """The run folder name (under ``<workdir>/runs``) of one benchmark run."""
+    return f"{dataset}-semid-{recipe}-{'int-' + extractor if use_interests else 'noint'}-seed{seed}"
+
+
 def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdir: Path,
             extra: dict[str, object], recipe: str = "v1") -> dict[str, object]:
     from llmrec.config import from_dict
@@ -70,8 +75,7 @@ def run_one(dataset: str, seed: int, use_interests: bool, extractor: str, workdi
     cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
     params = {**PARAMS, **RECIPES[recipe], **extra, "use_interests": use_interests, "interests": extractor}
     cfg.model = ModelSection(name="semantic-id", params=params)
-    tag = f"{dataset}-semid-{recipe}-{'int-' + extractor if use_interests else 'noint'}-seed{seed}"
-    run_dir = workdir / "runs" / tag
+    run_dir = workdir / "runs" / run_tag(dataset, recipe, use_interests, extractor, seed)
     t0 = time.perf_counter()
     record = train(cfg, run_dir, overwrite=True, progress=True)  # progress goes to the parent's stderr
     train_s = time.perf_counter() - t0
@@ -101,12 +105,11 @@ def prior_row(dataset: str, seed: int, use_interests: bool, extractor: str, work
     from llmrec.runs import EvalConfig, evaluate_run, load_run
 
     spec = RECIPES[target]
-    tag = f"{dataset}-semid-{base}-{'int-' + extractor if use_interests else 'noint'}-seed{seed}"
     key = (dataset, base, seed, use_interests, extractor if use_interests else None)
     prev = [r for r in load_results()["rows"] if row_key(r) == key]  # type: ignore[union-attr]
     if not prev:
         raise SystemExit(f"no {base} result row for {key}: run that recipe first")
-    run = load_run(workdir / "runs" / tag)
+    run = load_run(workdir / "runs" / run_tag(dataset, base, use_interests, extractor, seed))
     t0 = time.perf_counter()
     pick = run.model.choose_prior(run.split.valid, [0.0, *spec["collab_prior_grid"]],  # type: ignore[attr-defined]
                                   int(spec["prior_valid_users"]), seed=seed)  # type: ignore[call-overload]

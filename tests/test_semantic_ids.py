@@ -401,6 +401,10 @@ def test_sasrec_prior_is_chosen_on_validation_and_saved(split: Split, tmp_path: 
     loaded = SemanticIDRec.load(_saved(m, tmp_path))
     assert loaded.prior_weight == 1.5
     np.testing.assert_array_equal(loaded.recommend(hists, k=5)[0], m.recommend(hists, k=5)[0])
+    m.prior_weight = 0.0  # a saved SASRec comes back even when the chosen weight is 0, so it can be re-chosen
+    again = SemanticIDRec.load(_saved(m, tmp_path / "w0"))
+    assert again.prior_weight == 0.0 and again.collab_model is not None
+    assert again.choose_prior(split.valid, [0.0, 2.0])["weights"] == [0.0, 2.0]
     with pytest.raises(ValueError, match="collab_prior"):
         build_model("semantic-id", {**TINY, "collab_prior": -1.0}, N_ITEMS)
 

@@ -36,6 +36,17 @@ from tqdm.auto import tqdm
 from llmrec.data.splits import PAD_ITEM, EvalSet, Split
 from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.base import Recommender, left_pad, length_batches
+from llmrec.models.collab import (
+    default_cache_dir,
+    fit_sasrec,
+    fit_width,
+    pack_frozen,
+    prefix_states,
+    state_scale,
+    unit_rms_rows,
+    unpack_frozen,
+)
+from llmrec.models.sasrec import SASRecConfig
 from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
 from llmrec.models.semantic_ids.interests import (
     SMOLLM2,
@@ -275,8 +286,6 @@ class SemanticIDRec(Recommender):
             return None
         if self.collab_model is None:
             raise RuntimeError("semantic-id: collab_states needs its SASRec (fit or load the model)")
-        from llmrec.models.collab import prefix_states
-
         out = np.zeros((len(sequences), width, self.collab_model.config.hidden_size), dtype=np.float32)
         for i, st in enumerate(prefix_states(self.collab_model, sequences, width)):
             if len(st):
@@ -312,15 +321,6 @@ class SemanticIDRec(Recommender):
         collab_info = None
         self.collab_model = None
         if c.rq_input != "text" or c.collab_states or c.uses_prior:
-            from llmrec.models.collab import (
-                default_cache_dir,
-                fit_sasrec,
-                fit_width,
-                state_scale,
-                unit_rms_rows,
-            )
-            from llmrec.models.sasrec import SASRecConfig
-
             sasrec, collab_info = fit_sasrec(
                 split, SASRecConfig(max_minutes=c.collab_minutes, seed=c.seed), progress=progress,
                 cache_dir=default_cache_dir() if c.collab_cache else None)
@@ -601,8 +601,6 @@ class SemanticIDRec(Recommender):
         }
         extra["collab_prior"] = float(self.prior_weight)
         if self.collab_model is not None:  # the frozen SASRec of collab_states / the prior travels with the model
-            from llmrec.models.collab import pack_frozen
-
             sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
             tensors.update(sas_tensors)
         return tensors, extra
@@ -613,9 +611,7 @@ class SemanticIDRec(Recommender):
         self.rq_stats = extra.get("rqvae", {})
         self.collab_model = None
         self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
-        if self.config.collab_states or self.prior_weight > 0:
-            from llmrec.models.collab import unpack_frozen
-
+        if self.config.collab_states or self.prior_weight > 0 or "collab_state" in extra:  # whenever it was saved
             self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "semantic-id")
         self._build_net(tuple(int(v) for v in extra["vocab_sizes"]), int(extra["interest_dim"]))
         assert self.net is not None
