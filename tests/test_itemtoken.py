@@ -592,6 +592,42 @@ def test_collab_logits_add_sasrec_logits_everywhere(split: Split, tmp_path: Path
     check_states_matter_and_survive_save_load(model, split, tmp_path)
 
 
+def test_collab_prior_is_chosen_on_validation_and_reranks(split: Split, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="collab_prior"):
+        ItemTokenLMConfig(**{**TINY, "collab_prior_grid": [1.0, -0.5]})  # type: ignore[arg-type]
+    cfg = {**TINY, "collab_prior_grid": [0.5, 2.0, 1e4], "collab_minutes": 0.2, "collab_cache": False, "epochs": 1}
+    model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
+    info = model.fit(split, progress=False)["collab_prior"]
+    sas = model.collab_model
+    assert sas is not None and info["weights"] == [0.0, 0.5, 2.0, 1e4] and info["valid_users"] == len(split.valid)
+    assert info["chosen"] == model.prior_weight == info["weights"][int(np.argmax(info["valid_ndcg@10"]))]
+    # the figure that chose the weight is the model's own validation NDCG@10 at that weight
+    assert evaluate_full(model, split.valid, ks=[10]).overall["ndcg@10"] == pytest.approx(
+        max(info["valid_ndcg@10"]), abs=1e-6)
+    hists = split.test.histories[:6]
+    w = model.prior_weight = 2.0
+    with_prior = model.score(hists)
+    model.prior_weight = 0.0
+    lm_only = model.score(hists)
+    # the fast path adds w times SASRec's logits of the whole history
+    np.testing.assert_allclose(with_prior - lm_only, w * sas.score(hists), rtol=1e-4, atol=1e-3)
+    # beam search adds it at every step: a dominant prior makes the lists SASRec's own greedy lists
+    model.prior_weight = 1e4
+    lists = model.generate_lists(hists, k=2, mode="beam")
+    for h, row in zip(hists, lists, strict=True):
+        first = sas.score([h])[0]
+        first[h] = -np.inf
+        assert row[0] == int(np.argmax(first))
+        second = sas.score([np.append(h, row[0])])[0]
+        second[np.append(h, row[0])] = -np.inf
+        assert row[1] == int(np.argmax(second))
+    model.prior_weight = w
+    model.save(tmp_path / "prior")
+    loaded = ItemTokenLM.load(tmp_path / "prior")
+    assert loaded.prior_weight == w and loaded.collab_model is not None
+    np.testing.assert_allclose(loaded.score(hists), with_prior, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("per_user", [0, 2])
 def test_epoch_examples_are_built_once_unless_sampled(split: Split, monkeypatch: pytest.MonkeyPatch,
                                                       per_user: int) -> None:

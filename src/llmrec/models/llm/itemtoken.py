@@ -37,7 +37,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,6 +117,14 @@ class ItemTokenLMConfig:
     # history so far (its state . its item vector), w learned (starts at 1), so the LM learns what to add
     # to SASRec's ranking instead of re-deriving it; training, the fast path and beam search all use it
     collab_logits: bool = False
+    # SASRec as a prior at inference (a product of experts, as the semantic-ID model's collab_prior): every
+    # item logit also gets collab_prior x SASRec's own logits of the whole history (beside what collab_logits
+    # learned), in the fast path and at every beam step; with collab_prior_grid, fit then keeps the weight
+    # of {collab_prior} + grid with the best NDCG@10 on prior_valid_users validation users (0 = all; never
+    # test). Training is unchanged: the prior only re-ranks.
+    collab_prior: float = 0.0
+    collab_prior_grid: list[float] = field(default_factory=list)
+    prior_valid_users: int = 0
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -155,7 +163,7 @@ class ItemTokenLMConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "title_tokens", "review_chars", "examples_per_user", "max_steps", "valid_users",
-                     "num_threads", "warmup_steps", "item_rank"):
+                     "num_threads", "warmup_steps", "item_rank", "prior_valid_users"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_history", "init_title_tokens", "next_k", "lora_r", "batch_size",
@@ -177,10 +185,18 @@ class ItemTokenLMConfig:
                              "to 'items' or 'token'")
         if self.collab_scale < 0 or self.collab_minutes <= 0:
             raise ValueError("collab_scale must be >= 0 and collab_minutes > 0")
+        if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
+            raise ValueError("collab_prior and collab_prior_grid weights must be >= 0")
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether inference may add the SASRec prior (so the fitted SASRec is kept and saved)."""
+        return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
 
 
 # Config keys that may differ between an interrupted run and its resumption.
-_RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_threads", "eval_batch_size", "device", "amp"}
+_RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_threads", "eval_batch_size", "device", "amp",
+                "collab_prior_grid", "prior_valid_users"}
 
 
 # --- network ------------------------------------------------------------------------------
@@ -380,7 +396,8 @@ class ItemTokenLM(Recommender):
         self.titles: list[str] = []
         self.n_users = 0  # users with their own token (``user_tokens``); row n_users is the unknown user
         self.device = torch.device(config.device)
-        self.collab_model: Any = None  # the frozen SASRec of ``collab_state``
+        self.collab_model: Any = None  # the frozen SASRec of ``collab_state`` / ``collab_prior``
+        self.prior_weight = config.collab_prior  # the SASRec prior's weight in use (fit may pick it on validation)
         self.state_scale = 1.0  # SASRec states are multiplied by this (mean training state norm -> 1)
         self._collab_rows: torch.Tensor | None = None  # (R, d) SASRec item vectors of ``collab_logits``
 
@@ -602,36 +619,69 @@ class ItemTokenLM(Recommender):
             return None
         return self._stack_states([examples[i][3] for i in rows])
 
-    def _residual(self, states: torch.Tensor) -> torch.Tensor:
-        """(..., d) scaled SASRec states -> (..., R) float32 ``collab_logits`` term: w * SASRec's logits
-        (state . item vector; zero for the end row and where a position has no state)."""
+    def _sas_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., d) unscaled SASRec states -> (..., R) float32 SASRec logits (state . item vector; zero for
+        the end row and where a position has no state)."""
         net = self._require_net()
-        assert net.collab_weight is not None and self.collab_model is not None
+        assert self.collab_model is not None
         if self._collab_rows is None:
             vec = torch.as_tensor(self.collab_model.item_vectors(), dtype=torch.float32)  # (n_items, d)
             self._collab_rows = torch.cat([vec, vec.new_zeros(net.n_rows - self.n_items, vec.shape[1])]).to(self.device)
-        raw = states.float() / self.state_scale
-        return net.collab_weight * (raw @ self._collab_rows.T)
+        return states.float().to(self.device) @ self._collab_rows.T
+
+    def _residual(self, states: torch.Tensor) -> torch.Tensor:
+        """(..., d) scaled SASRec states -> (..., R) float32 ``collab_logits`` term: w * SASRec's logits."""
+        net = self._require_net()
+        assert net.collab_weight is not None
+        return net.collab_weight * self._sas_logits(states.float() / self.state_scale)
 
     def _beam_bias(self, histories: Sequence[np.ndarray]) -> Any:
-        """``step_bias`` of constrained beam search for ``collab_logits``: SASRec's logits of each beam's
-        history plus the items generated so far, times w (None without ``collab_logits``)."""
+        """``step_bias`` of constrained beam search: SASRec's logits of each beam's history plus the items
+        generated so far, times the learned ``collab_logits`` weight plus :attr:`prior_weight` (None when
+        neither is in use)."""
         net = self._require_net()
-        if net.collab_weight is None or self.collab_model is None:
+        if self.collab_model is None or (net.collab_weight is None and self.prior_weight <= 0):
             return None
+        coef = (net.collab_weight.detach() if net.collab_weight is not None else 0.0) + self.prior_weight
         hist = [np.asarray(h, dtype=np.int64) for h in histories]
 
         def bias(seqs: torch.Tensor) -> torch.Tensor:  # seqs (n, B, t) item rows -> (n, B, R)
             n, B, t = seqs.shape
             if t == 0:  # every beam is the bare history
                 st = self.collab_model.user_states(hist)  # (n, d)
-                return self._residual(torch.from_numpy(st * self.state_scale))[:, None, :].expand(n, B, -1)
+                return (coef * self._sas_logits(torch.from_numpy(st)))[:, None, :].expand(n, B, -1)
             gen = seqs.cpu().numpy()
             prefixes = [np.concatenate([hist[u], gen[u, b]]) for u in range(n) for b in range(B)]
-            st = self.collab_model.user_states(prefixes) * self.state_scale  # (n*B, d)
-            return self._residual(torch.from_numpy(st)).view(n, B, -1)
+            st = self.collab_model.user_states(prefixes)  # (n*B, d)
+            return (coef * self._sas_logits(torch.from_numpy(st))).view(n, B, -1)
 
         return bias
+
+    def choose_prior(self, valid: Any, weights: Sequence[float], n_users: int = 0, seed: int = 0) -> dict[str, Any]:
+        """Set :attr:`prior_weight` to the weight of ``weights`` with the best NDCG@10 of the fast path on
+        ``n_users`` users sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all; ties go to
+        the smaller weight). The LM and SASRec score each user once; the weights only re-mix them.
+        Returns ``{"weights", "valid_ndcg@10", "chosen", "valid_users", "seconds"}``."""
+        if self.collab_model is None:
+            raise RuntimeError("itemtoken-lm: the SASRec prior needs the model's SASRec (fit with collab_prior or "
+                               "collab_prior_grid)")
+        t0 = time.perf_counter()
+        ws = sorted({float(w) for w in weights})
+        if not ws or any(w < 0 for w in ws):
+            raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
+        if n_users and len(valid) > n_users:
+            valid = valid.subset(np.sort(np.random.default_rng([seed, 11]).choice(len(valid), n_users, replace=False)))
+        self.prior_weight = 0.0
+        lm = self.score(valid.histories, valid.users)  # (n, n_items) without the prior
+        sas = self.collab_model.score(valid.histories)  # (n, n_items)
+        scores = []
+        for w in ws:
+            ids, _ = top_k(lm + np.float32(w) * sas, 10, valid.histories)
+            scores.append(float(np.nanmean(ranking_metrics(ids, valid.targets, [10], ["ndcg"])["ndcg@10"])))
+        best = int(np.argmax(scores))  # first maximum: the smallest weight among ties
+        self.prior_weight = ws[best]
+        return {"weights": ws, "valid_ndcg@10": scores, "chosen": ws[best], "valid_users": len(valid),
+                "seconds": time.perf_counter() - t0}
 
     def _batches(self, n_examples: int, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:
         """Shuffled batches of similar-length examples (deterministic per seed and epoch)."""
@@ -698,16 +748,17 @@ class ItemTokenLM(Recommender):
             collab, collab_info, state_dim = None, None, 0
             resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
             init_collab = cfg.collab_init == "sasrec" and not resuming  # a resumed run restores its item rows
-            if init_collab or cfg.collab_state != "none":
+            if init_collab or cfg.collab_state != "none" or cfg.uses_prior:
                 sasrec, collab_info = fit_sasrec(
                     split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress,
                     cache_dir=default_cache_dir() if cfg.collab_cache else None)
                 if init_collab:
                     collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank))
-                if cfg.collab_state != "none":
+                if cfg.collab_state != "none" or cfg.uses_prior:
                     self.collab_model, self._collab_rows = sasrec, None
-                    state_dim = sasrec.config.hidden_size
                     self.state_scale = state_scale(sasrec, split.train)
+                if cfg.collab_state != "none":
+                    state_dim = sasrec.config.hidden_size
             self._build(titles, n_users=len(split.train), collab=collab, state_dim=state_dim)
             net = self._require_net()
             state = self.trainable_state()
@@ -822,6 +873,10 @@ class ItemTokenLM(Recommender):
                 run["elapsed"] = elapsed()
                 ckpt.save(run, stopper.best_state, opt)
             net.eval()
+            prior_info = None
+            if cfg.collab_prior_grid and len(split.valid):
+                prior_info = self.choose_prior(split.valid, [cfg.collab_prior, *cfg.collab_prior_grid],
+                                               cfg.prior_valid_users, seed=cfg.seed)
         finally:
             torch.set_num_threads(old_threads)
         return {
@@ -837,6 +892,7 @@ class ItemTokenLM(Recommender):
             "stopped": stopped,
             "resumed_from": run["resumed_from"],
             "collab": collab_info,
+            "collab_prior": prior_info,
             "history": run["history"],
         }
 
@@ -855,7 +911,8 @@ class ItemTokenLM(Recommender):
         return str(self.tokenizer.decode(self.prompt_ids(history, user)))
 
     def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
-        """(n, n_items) float32: item-row logits at the answer position, one forward pass per batch."""
+        """(n, n_items) float32: item-row logits at the answer position, one forward pass per batch (plus
+        :attr:`prior_weight` x SASRec's logits of each history when the prior is on)."""
         net = self._require_net()
         old_threads = self._set_threads()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
@@ -879,6 +936,10 @@ class ItemTokenLM(Recommender):
                     out[rows] = logits[:, : self.n_items].float().cpu().numpy()
         finally:
             torch.set_num_threads(old_threads)
+        if self.prior_weight > 0:
+            if self.collab_model is None:
+                raise RuntimeError("itemtoken-lm: collab_prior > 0 needs the model's SASRec (fit or load the model)")
+            out += np.float32(self.prior_weight) * self.collab_model.score(histories)
         return out
 
     def _prompt_states(self, prompts: Sequence[np.ndarray], histories: Sequence[np.ndarray]) -> list[np.ndarray] | None:
@@ -940,17 +1001,20 @@ class ItemTokenLM(Recommender):
         tensors = {n: p.detach().float().cpu().numpy().copy() for n, p in self.trainable_state().items()}
         extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
                  "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
-        if self.collab_model is not None:  # the frozen SASRec of collab_state travels with the model
+        extra["collab_prior"] = float(self.prior_weight)
+        if self.collab_model is not None:  # the frozen SASRec of collab_state / the prior travels with the model
             sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
             tensors.update(sas_tensors)
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         state_dim = 0
+        self.collab_model, self._collab_rows = None, None
+        self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
+        if self.config.collab_state != "none" or self.prior_weight > 0 or "collab_state" in extra:
+            self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "itemtoken-lm")
         if self.config.collab_state != "none":
-            sasrec, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "itemtoken-lm")
-            self.collab_model, self._collab_rows = sasrec, None
-            state_dim = sasrec.config.hidden_size
+            state_dim = self.collab_model.config.hidden_size
         tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}
         old = self._set_threads()
         try:
