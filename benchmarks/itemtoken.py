@@ -115,7 +115,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_latency: int,
-             from_saved: bool = False, tag: str = "loo") -> dict[str, Any]:
+             from_saved: bool = False, tag: str = "loo", dataset: str = DATASET) -> dict[str, Any]:
     from llmrec.data.splits import leave_one_out
     from llmrec.eval.protocol import evaluate_full, evaluate_lists
     from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig
@@ -173,7 +173,7 @@ def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_laten
     lat = {"fast": latency(model.score, lat_users),
            "beam": latency(lambda h: model.generate_lists(h, k=10, mode="beam"), lat_users[: max(1, n_latency // 2)])}
     return {
-        "dataset": DATASET, "model": "itemtoken-lm", "protocol": test.protocol,
+        "dataset": dataset, "model": "itemtoken-lm", "protocol": test.protocol,
         "backbone": cfg.backbone + (f" (first {cfg.n_layers} blocks)" if cfg.n_layers else ""),
         "test_users": test.n_users, "test": test.overall, "valid_ndcg@10_sample": fit["best_valid_ndcg@10"],
         "fit": fit, "train_seconds": train_s, "eval_seconds": eval_s, "latency_per_user": lat, **paired,
@@ -347,15 +347,17 @@ def seeded_section(result: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     lines = ["", "## Seeded runs: SASRec as a prior chosen on validation (leave-one-out, full ranking, test)", "",
-             ("Each seed trains its own SASRec (2 minutes, cached) and LM; the prior weight w is chosen after training "
+             ("Each seed trains its own SASRec (within collab_minutes: 2 on Office; cached on disk, its fit time counted) "
+              "and LM; the prior weight w is chosen after training "
               "by NDCG@10 on all validation users from {0} + grid (w = 0: the LM as trained). \"SASRec alone\" is "
               "that same SASRec on the same test users; \"without prior\" is the same LM at w = 0."), "",
-             ("| recipe | seeds | ndcg@10 [95% CI] | recall@10 | SASRec alone ndcg@10 / recall@10 | without prior "
+             ("| dataset | recipe | seeds | ndcg@10 [95% CI] | recall@10 | SASRec alone ndcg@10 / recall@10 | without prior "
               "ndcg@10 | paired ndcg@10 gain per seed | chosen w | train min |"),
-             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
     verdicts, extra = [], []
-    for recipe in sorted({r["recipe"] for r in runs.values()}):
-        rs = sorted((r for r in runs.values() if r["recipe"] == recipe), key=lambda r: r["seed"])
+    for dataset, recipe in sorted({(r["dataset"], r["recipe"]) for r in runs.values()}, key=lambda x: (x[0] != DATASET, x)):
+        rs = sorted((r for r in runs.values() if r["recipe"] == recipe and r["dataset"] == dataset),
+                    key=lambda r: r["seed"])
         gains = [r["test"]["ndcg@10"] - r["sasrec_alone"]["ndcg@10"] for r in rs]
         stat = summarize_seeds([{"ndcg": r["test"]["ndcg@10"], "gain": g} for r, g in zip(rs, gains, strict=True)])
         m, lo, hi = stat["ndcg"]
@@ -363,7 +365,7 @@ def seeded_section(result: dict[str, Any]) -> list[str]:
         sas_r = np.mean([r["sasrec_alone"]["recall@10"] for r in rs])
         wo = [r["without_prior"]["ndcg@10"] for r in rs if "without_prior" in r]
         wo_s = f"{np.mean(wo):.4f}" if wo else "-"
-        lines.append(f"| {recipe} | {','.join(str(r['seed']) for r in rs)} | {m:.4f} [{lo:.4f}, {hi:.4f}] | "
+        lines.append(f"| {dataset} | {recipe} | {','.join(str(r['seed']) for r in rs)} | {m:.4f} [{lo:.4f}, {hi:.4f}] | "
                      f"{np.mean([r['test']['recall@10'] for r in rs]):.4f} | {sas_n:.4f} / {sas_r:.4f} | {wo_s} | "
                      f"{' / '.join(f'{g:+.4f}' for g in gains)} | {', '.join(format(r['prior_weight'], 'g') for r in rs)} | "
                      f"{np.mean([r['train_seconds'] for r in rs]) / 60:.0f} |")
@@ -371,7 +373,7 @@ def seeded_section(result: dict[str, Any]) -> list[str]:
         valid = np.mean([max(p["valid_ndcg@10"]) for p in prior])
         g = [r["generated_lists"] for r in rs]
         lat = [r["latency_per_user"] for r in rs]
-        extra.append(f"| {recipe} | {valid:.4f} | {np.mean([r['fit']['best_step'] for r in rs]):.0f} | "
+        extra.append(f"| {dataset} | {recipe} | {valid:.4f} | {np.mean([r['fit']['best_step'] for r in rs]):.0f} | "
                      f"{np.mean([x['fast']['median_ms'] for x in lat]):.0f} / {np.mean([x['fast']['p95_ms'] for x in lat]):.0f} | "
                      f"{np.mean([x['beam']['median_ms'] for x in lat]):.0f} | {np.mean([x['fast']['ndcg@10'] for x in g]):.4f} | "
                      f"{np.mean([x['beam']['ndcg@10'] for x in g]):.4f} | {max(x['beam']['invalid_rate'] for x in g):.3f} / "
@@ -379,7 +381,7 @@ def seeded_section(result: dict[str, Any]) -> list[str]:
                      f"{np.mean([x['greedy']['duplicate_rate'] for x in g]):.3f} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         gm, glo, ghi = stat["gain"]
         ok = len(rs) >= 3 and glo > 0 and max(r["train_seconds"] for r in rs) <= 3600
-        verdicts.append(f"{recipe}: mean paired gain {gm:+.4f} ({100 * gm / sas_n:+.1f}%), 95% interval "
+        verdicts.append(f"{dataset}, {recipe}: mean paired gain {gm:+.4f} ({100 * gm / sas_n:+.1f}%), 95% interval "
                         f"[{glo:+.4f}, {ghi:+.4f}] over {len(rs)} seed(s): "
                         + ("met (every run within 60 min; the interval excludes 0)" if ok else
                            "not shown (needs 3 or more seeds whose paired interval excludes 0, within 60 min)"))
@@ -387,9 +389,9 @@ def seeded_section(result: dict[str, Any]) -> list[str]:
                    "picked w and compares recipes), the best validation step, fast-path latency per user, beam latency "
                    "per user, and 10-item lists of 200 sampled test users (fast path, constrained beam; invalid / "
                    "duplicate rates of constrained beam vs unconstrained greedy)."), "",
-              ("| recipe | valid ndcg@10 | best step | fast ms median / p95 | beam ms median | lists fast ndcg@10 | "
+              ("| dataset | recipe | valid ndcg@10 | best step | fast ms median / p95 | beam ms median | lists fast ndcg@10 | "
                "lists beam ndcg@10 | beam invalid / dup | greedy invalid / dup | peak MB |"),
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *extra]
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *extra]
     lines += ["", "Target (beat SASRec's NDCG@10 within 60 min of CPU training), judged on the paired gains:", ""]
     lines += [f"- {v}" for v in verdicts]
     return lines
@@ -403,6 +405,7 @@ def main() -> None:
     ap.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                     help="a seeded leave-one-out run of this recipe (seed from --lm seed=S), kept beside the others "
                          "under loo_runs; implies --skip-next10")
+    ap.add_argument("--dataset", default=DATASET, help="dataset folder under ../shared/data (seeded --recipe runs only)")
     ap.add_argument("--skip-loo", action="store_true")
     ap.add_argument("--skip-next10", action="store_true")
     ap.add_argument("--loo-from-saved", action="store_true",
@@ -423,7 +426,9 @@ def main() -> None:
     if not args.table_only:
         from llmrec.pipeline import ensure_dataset
 
-        ds = ensure_dataset(SHARED / DATASET, args.workdir / "datasets" / DATASET, progress=False)
+        if args.dataset != DATASET and not args.recipe:
+            raise SystemExit(f"--dataset {args.dataset}: only seeded --recipe runs take another dataset")
+        ds = ensure_dataset(SHARED / args.dataset, args.workdir / "datasets" / args.dataset, progress=False)
         smoke = SMOKE if args.smoke else {}
         workdir = args.workdir / ("itemtoken-smoke" if args.smoke else "itemtoken")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -431,8 +436,9 @@ def main() -> None:
         n_latency = 10 if args.smoke else args.latency_users
         if args.recipe:
             params = {**LOO_PARAMS, **RECIPES[args.recipe], **smoke, **parse_overrides(args.lm)}
-            tag = f"{args.recipe}-s{params.get('seed', 0)}"
-            row = part_loo(ds, params, workdir, gen_users, n_latency, from_saved=args.loo_from_saved, tag=tag)
+            tag = ("" if args.dataset == DATASET else f"{args.dataset}-") + f"{args.recipe}-s{params.get('seed', 0)}"
+            row = part_loo(ds, params, workdir, gen_users, n_latency, from_saved=args.loo_from_saved, tag=tag,
+                           dataset=args.dataset)
             result.setdefault("loo_runs", {})[tag] = {**row, "recipe": args.recipe, "seed": params.get("seed", 0)}
             json_path.write_text(json.dumps(result, indent=2, default=float))
         elif not args.skip_loo:
