@@ -546,6 +546,18 @@ def test_latest_states_carry_the_last_state_forward(has: list[list[bool]]) -> No
             np.testing.assert_array_equal(out[b, pos], expected)
 
 
+def assert_sasrec_greedy(lists: np.ndarray, hists: list[np.ndarray], sas: object) -> None:
+    """Each 2-item list is SASRec's greedy continuation: its best unseen item, then its best unseen item
+    after appending the first (SASRec's state includes the generated item)."""
+    for h, row in zip(hists, lists, strict=True):
+        first = sas.score([h])[0]  # type: ignore[attr-defined]
+        first[h] = -np.inf
+        assert row[0] == int(np.argmax(first))
+        second = sas.score([np.append(h, row[0])])[0]  # type: ignore[attr-defined]
+        second[np.append(h, row[0])] = -np.inf
+        assert row[1] == int(np.argmax(second))
+
+
 def test_collab_logits_add_sasrec_logits_everywhere(split: Split, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="collab_state"):
         ItemTokenLMConfig(**{**TINY, "collab_logits": True})  # type: ignore[arg-type]
@@ -582,13 +594,7 @@ def test_collab_logits_add_sasrec_logits_everywhere(split: Split, tmp_path: Path
     lists = model.generate_lists(hists, k=2, mode="beam")
     with torch.no_grad():
         net.collab_weight.fill_(w)
-    for h, row in zip(hists, lists, strict=True):
-        first = sas.score([h])[0]
-        first[h] = -np.inf
-        assert row[0] == int(np.argmax(first))
-        second = sas.score([np.append(h, row[0])])[0]
-        second[np.append(h, row[0])] = -np.inf
-        assert row[1] == int(np.argmax(second))
+    assert_sasrec_greedy(lists, hists, sas)
     check_states_matter_and_survive_save_load(model, split, tmp_path)
 
 
@@ -614,13 +620,7 @@ def test_collab_prior_is_chosen_on_validation_and_reranks(split: Split, tmp_path
     # beam search adds it at every step: a dominant prior makes the lists SASRec's own greedy lists
     model.prior_weight = 1e4
     lists = model.generate_lists(hists, k=2, mode="beam")
-    for h, row in zip(hists, lists, strict=True):
-        first = sas.score([h])[0]
-        first[h] = -np.inf
-        assert row[0] == int(np.argmax(first))
-        second = sas.score([np.append(h, row[0])])[0]
-        second[np.append(h, row[0])] = -np.inf
-        assert row[1] == int(np.argmax(second))
+    assert_sasrec_greedy(lists, hists, sas)
     model.prior_weight = w
     model.save(tmp_path / "prior")
     loaded = ItemTokenLM.load(tmp_path / "prior")
