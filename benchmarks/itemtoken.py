@@ -371,7 +371,7 @@ def seeded_section(result: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     lines = ["", "## Seeded runs: SASRec as a prior chosen on validation (leave-one-out, full ranking, test)", "",
-             ("Each seed trains its own SASRec (within collab_minutes: 2 on Office; cached on disk, its fit time counted) "
+             ("Each seed trains its own SASRec (within collab_minutes: 2 on Office, 9 on Beauty; cached on disk, its fit time counted) "
               "and LM; the prior weight w is chosen after training "
               "by NDCG@10 on all validation users from {0} + grid (w = 0: the LM as trained). \"SASRec alone\" is "
               "that same SASRec on the same test users; \"without prior\" is the same LM at w = 0."), "",
