@@ -25,6 +25,12 @@ predicts the next history item, so one forward pass teaches the whole sequence) 
 padded by the foundation's strategies; both are built from ``split.train`` only. AdamW with
 warm-up and cosine decay, gradient accumulation, early stopping on validation NDCG@10 (a fixed
 sample of validation users), a wall-clock budget, and checkpoints that resume after an interruption.
+
+Collaborative signal (optional; a SASRec fitted on the same split, :mod:`llmrec.models.collab`):
+its item vectors start the item rows' delta (``collab_init``), its states of each history prefix
+enter the prompt (``collab_state``), its logits join every item logit as a learned residual
+(``collab_logits``) and/or as a prior at inference whose weight is chosen on validation after
+training (``collab_prior`` / ``collab_prior_grid``: LM logits + w x SASRec logits, a product of experts).
 """
 
 from __future__ import annotations
