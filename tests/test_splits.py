@@ -158,3 +158,20 @@ def test_feedback_of_a_history_is_its_prefix_of_the_users_sequence() -> None:
     assert split.with_feedback(fb).feedback is fb
     with pytest.raises(ValueError, match="covers 2 users"):
         leave_one_out(seqs + [np.array([1])], 5).with_feedback(fb)
+
+
+@given(size=st.integers(0, 30), n=st.integers(0, 40), seed=st.integers(0, 1000))
+@settings(max_examples=60, deadline=None)
+def test_evalset_sample_draws_distinct_users_in_order(size: int, n: int, seed: int) -> None:
+    users = np.arange(size, dtype=np.int64) * 3
+    es = EvalSet(users, [np.array([u]) for u in users], [np.array([u + 1]) for u in users])
+    out = es.sample(n, np.random.default_rng(seed))
+    if n == 0 or n >= size:
+        assert out is es  # nothing to draw: the whole set
+        return
+    assert len(out) == n and len(set(out.users.tolist())) == n
+    assert np.all(np.diff(out.users) > 0) and np.isin(out.users, users).all()  # original order, real users
+    for u, h, t in zip(out.users, out.histories, out.targets, strict=True):  # rows stay aligned
+        assert h[0] == u and t[0] == u + 1
+    again = es.sample(n, np.random.default_rng(seed))
+    np.testing.assert_array_equal(again.users, out.users)  # the generator decides the draw

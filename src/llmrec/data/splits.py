@@ -81,6 +81,13 @@ class EvalSet:
             targets=[self.targets[i] for i in idx],
         )
 
+    def sample(self, n: int, rng: np.random.Generator) -> EvalSet:
+        """``n`` users drawn by ``rng`` without replacement, kept in their original order; the whole set
+        (and no draw) when ``n`` is 0 or not smaller than the set."""
+        if not n or len(self) <= n:
+            return self
+        return self.subset(np.sort(rng.choice(len(self), n, replace=False)))
+
     def first_k_targets(self, k: int) -> EvalSet:
         """The same users with targets truncated to the next ``k`` items (next-K protocol)."""
         return EvalSet(self.users, self.histories, [t[:k] for t in self.targets])

@@ -675,8 +675,7 @@ class ItemTokenLM(Recommender):
         ws = sorted({float(w) for w in weights})
         if not ws or any(w < 0 for w in ws):
             raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
-        if n_users and len(valid) > n_users:
-            valid = valid.subset(np.sort(np.random.default_rng([seed, 11]).choice(len(valid), n_users, replace=False)))
+        valid = valid.sample(n_users, np.random.default_rng([seed, 11]))
         self.prior_weight = 0.0
         lm = self.score(valid.histories, valid.users)  # (n, n_items) without the prior
         sas = self.collab_model.score(valid.histories)  # (n, n_items)
@@ -774,10 +773,7 @@ class ItemTokenLM(Recommender):
             if lm_params:
                 groups.append({"params": lm_params, "lr": cfg.lr, "base_lr": cfg.lr})
             opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-            valid = split.valid
-            if cfg.valid_users and len(valid) > cfg.valid_users:
-                pick = np.sort(np.random.default_rng([cfg.seed, 7]).choice(len(valid), cfg.valid_users, replace=False))
-                valid = valid.subset(pick)
+            valid = split.valid.sample(cfg.valid_users, np.random.default_rng([cfg.seed, 7]))
             has_valid = len(valid) > 0
 
             examples, examples_epoch = self._epoch_examples(split.train, 0), 0

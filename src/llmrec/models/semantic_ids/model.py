@@ -360,9 +360,7 @@ class SemanticIDRec(Recommender):
         interest_s = time.perf_counter() - t0
 
         rng = np.random.default_rng(c.seed)
-        valid = split.valid
-        if c.valid_users and len(valid) > c.valid_users:
-            valid = valid.subset(np.sort(rng.choice(len(valid), c.valid_users, replace=False)))
+        valid = split.valid.sample(c.valid_users, rng)
         if c.use_interests and isinstance(self.extractor, CachedExtractor) and len(valid):
             t0 = time.perf_counter()  # LLM interests of the validation histories, ahead of the clock
             self.interests_of(valid.histories, progress=progress)
@@ -452,8 +450,7 @@ class SemanticIDRec(Recommender):
         if self.collab_model is None:
             raise RuntimeError("semantic-id: the SASRec prior needs the model's SASRec (collab_states or collab_prior)")
         t0 = time.perf_counter()
-        if n_users and len(valid) > n_users:
-            valid = valid.subset(np.sort(np.random.default_rng(seed).choice(len(valid), n_users, replace=False)))
+        valid = valid.sample(n_users, np.random.default_rng(seed))
         ws = sorted({float(w) for w in weights})
         if any(w < 0 for w in ws) or not ws:
             raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
