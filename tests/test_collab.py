@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from llmrec.data.splits import Split, leave_one_out
-from llmrec.models.collab import fit_width, prefix_states, sasrec_item_vectors, split_key, unit_rms_rows
+from llmrec.models.collab import (
+    choose_weight,
+    fit_width,
+    prefix_states,
+    sasrec_item_vectors,
+    split_key,
+    unit_rms_rows,
+)
 from llmrec.models.sasrec import SASRec, SASRecConfig
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
@@ -104,3 +111,18 @@ def test_prefix_states_are_each_prefix_alone() -> None:
     assert [len(o) for o in counts] == [1, 0, 0]
     with pytest.raises(ValueError, match="counts"):
         prefix_states(model, seqs, [1, 2])
+
+
+def test_choose_weight_sorts_distinct_weights_and_takes_the_smallest_best() -> None:
+    seen: list[float] = []
+
+    def ndcg_at(w: float) -> float:
+        seen.append(w)
+        return {0.0: 0.1, 1.0: 0.3, 2.0: 0.3, 4.0: 0.2}[w]
+
+    ws, scores, chosen = choose_weight([4, 2.0, 0, 1, 2], ndcg_at)
+    assert ws == seen == [0.0, 1.0, 2.0, 4.0] and scores == [0.1, 0.3, 0.3, 0.2]
+    assert chosen == 1.0  # tie between 1 and 2: the smaller weight
+    for bad in ([], [1.0, -0.5]):
+        with pytest.raises(ValueError, match="prior weights"):
+            choose_weight(bad, ndcg_at)

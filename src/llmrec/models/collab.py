@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +169,14 @@ def unpack_frozen(tensors: dict[str, np.ndarray], extra: dict[str, Any], n_items
     model = SASRec(from_dict(SASRecConfig, entry["sasrec_config"]), n_items)
     model._load_state({k[len("collab."):]: v for k, v in tensors.items() if k.startswith("collab.")}, {})
     return model, float(entry["state_scale"])
+
+
+def choose_weight(weights: Sequence[float], ndcg_at: Callable[[float], float]) -> tuple[list[float], list[float], float]:
+    """Pick a SASRec prior weight on validation: the distinct ``weights`` in ascending order (all >= 0, at
+    least one), ``ndcg_at(w)`` (validation NDCG@10 at weight w) of each, and the chosen weight, the first
+    maximum (so the smallest weight among ties)."""
+    ws = sorted({float(w) for w in weights})
+    if not ws or any(w < 0 for w in ws):
+        raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
+    scores = [float(ndcg_at(w)) for w in ws]
+    return ws, scores, ws[int(np.argmax(scores))]

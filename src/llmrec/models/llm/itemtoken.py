@@ -57,6 +57,7 @@ from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.collab import (
+    choose_weight,
     default_cache_dir,
     fit_sasrec,
     fit_width,
@@ -672,20 +673,17 @@ class ItemTokenLM(Recommender):
             raise RuntimeError("itemtoken-lm: the SASRec prior needs the model's SASRec (fit with collab_prior or "
                                "collab_prior_grid)")
         t0 = time.perf_counter()
-        ws = sorted({float(w) for w in weights})
-        if not ws or any(w < 0 for w in ws):
-            raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
         valid = valid.sample(n_users, np.random.default_rng([seed, 11]))
         self.prior_weight = 0.0
         lm = self.score(valid.histories, valid.users)  # (n, n_items) without the prior
         sas = self.collab_model.score(valid.histories)  # (n, n_items)
-        scores = []
-        for w in ws:
+
+        def ndcg_at(w: float) -> float:  # the fast path re-mixed at weight w
             ids, _ = top_k(lm + np.float32(w) * sas, 10, valid.histories)
-            scores.append(float(np.nanmean(ranking_metrics(ids, valid.targets, [10], ["ndcg"])["ndcg@10"])))
-        best = int(np.argmax(scores))  # first maximum: the smallest weight among ties
-        self.prior_weight = ws[best]
-        return {"weights": ws, "valid_ndcg@10": scores, "chosen": ws[best], "valid_users": len(valid),
+            return float(np.nanmean(ranking_metrics(ids, valid.targets, [10], ["ndcg"])["ndcg@10"]))
+
+        ws, scores, self.prior_weight = choose_weight(weights, ndcg_at)
+        return {"weights": ws, "valid_ndcg@10": scores, "chosen": self.prior_weight, "valid_users": len(valid),
                 "seconds": time.perf_counter() - t0}
 
     def _batches(self, n_examples: int, lengths: np.ndarray, epoch: int) -> list[np.ndarray]:

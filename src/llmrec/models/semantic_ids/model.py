@@ -37,6 +37,7 @@ from llmrec.data.splits import PAD_ITEM, EvalSet, Split
 from llmrec.eval.metrics import ranking_metrics
 from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.collab import (
+    choose_weight,
     default_cache_dir,
     fit_sasrec,
     fit_width,
@@ -451,17 +452,14 @@ class SemanticIDRec(Recommender):
             raise RuntimeError("semantic-id: the SASRec prior needs the model's SASRec (collab_states or collab_prior)")
         t0 = time.perf_counter()
         valid = valid.sample(n_users, np.random.default_rng(seed))
-        ws = sorted({float(w) for w in weights})
-        if any(w < 0 for w in ws) or not ws:
-            raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
-        scores = []
-        for w in ws:
+
+        def ndcg_at(w: float) -> float:  # beam search with the prior at weight w
             self.prior_weight = w
             ranked, _ = self.recommend(valid.histories, k=10, batch_size=self.config.eval_batch_size)
-            scores.append(float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"])))
-        best = int(np.argmax(scores))  # first maximum: the smallest weight among ties
-        self.prior_weight = ws[best]
-        return {"weights": ws, "valid_ndcg@10": scores, "chosen": ws[best], "valid_users": len(valid),
+            return float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"]))
+
+        ws, scores, self.prior_weight = choose_weight(weights, ndcg_at)
+        return {"weights": ws, "valid_ndcg@10": scores, "chosen": self.prior_weight, "valid_users": len(valid),
                 "seconds": time.perf_counter() - t0}
 
     def _prior(self, histories: Sequence[np.ndarray]) -> torch.Tensor | None:
