@@ -18,6 +18,7 @@ from llmrec.eval.metrics import (
     first_occurrence,
     hits_matrix,
     invalid_item_rate,
+    mean_ndcg,
     ranking_metrics,
 )
 from llmrec.models.base import top_k
@@ -307,3 +308,14 @@ def test_top_k_matches_reference_and_is_batch_independent(data: st.DataObject) -
 def test_top_k_keeps_positive_infinite_scores() -> None:
     ids, _ = top_k(np.array([[0.0, np.inf, 1.0]]), 2)
     assert ids.tolist() == [[1, 2]]
+
+
+def test_mean_ndcg_by_hand_skips_users_without_targets() -> None:
+    ranked = np.array([[5, 1, 2], [3, 4, 0], [7, 8, 9]])
+    targets = [np.array([1]), np.array([0, 3]), np.array([], dtype=np.int64)]
+    # user 0: hit at rank 2 -> 1/log2(3); user 1: hits at ranks 1 and 3 over ideal ranks 1 and 2
+    u0 = 1 / math.log2(3)
+    u1 = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
+    with pytest.warns(UserWarning, match="no relevant items"):
+        assert mean_ndcg(ranked, targets, k=3) == pytest.approx((u0 + u1) / 2)
+    assert mean_ndcg(ranked[:2], targets[:2], k=1) == pytest.approx(0.5)  # only user 1 hits at rank 1

@@ -142,6 +142,12 @@ def ranking_metrics(
     return out
 
 
+def mean_ndcg(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int = 10) -> float:
+    """Mean NDCG@k over users (users without targets skipped): the validation figure of early stopping
+    and of weight choices."""
+    return float(np.nanmean(ranking_metrics(ranked, targets, [k], ["ndcg"])[f"ndcg@{k}"]))
+
+
 def catalog_coverage(ranked: np.ndarray, n_items: int, k: int | None = None) -> float:
     """Fraction of the catalog that appears in at least one user's top-k list."""
     r = np.asarray(ranked, dtype=np.int64)[:, :k]

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmrec.data.splits import Split
-from llmrec.eval.metrics import ranking_metrics
+from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.training import EarlyStopping
 
@@ -274,7 +274,7 @@ class SASRec(Recommender):
             [valid.histories[i] for i in order], k=10, batch_size=self.config.eval_batch_size
         )
         targets = [valid.targets[i] for i in order]
-        return float(np.nanmean(ranking_metrics(ranked, targets, [10], ["ndcg"])["ndcg@10"]))
+        return mean_ndcg(ranked, targets)
 
     # --- Recommender API -------------------------------------------------------------------
     def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.data.splits import Padding, Split, pad_targets
-from llmrec.eval.metrics import ranking_metrics
+from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.collab import (
@@ -680,7 +680,7 @@ class ItemTokenLM(Recommender):
 
         def ndcg_at(w: float) -> float:  # the fast path re-mixed at weight w
             ids, _ = top_k(lm + np.float32(w) * sas, 10, valid.histories)
-            return float(np.nanmean(ranking_metrics(ids, valid.targets, [10], ["ndcg"])["ndcg@10"]))
+            return mean_ndcg(ids, valid.targets)
 
         ws, scores, self.prior_weight = choose_weight(weights, ndcg_at)
         return {"weights": ws, "valid_ndcg@10": scores, "chosen": self.prior_weight, "valid_users": len(valid),
@@ -727,7 +727,7 @@ class ItemTokenLM(Recommender):
     def _validate(self, evalset: Any) -> float:
         scores = self.score(evalset.histories, evalset.users)
         ids, _ = top_k(scores, 10, evalset.histories)
-        return float(np.nanmean(ranking_metrics(ids, evalset.targets, [10], ["ndcg"])["ndcg@10"]))
+        return mean_ndcg(ids, evalset.targets)
 
     def _after_step(self, step: int) -> None:
         """Hook called after every optimizer step (tests use it to simulate an interruption)."""

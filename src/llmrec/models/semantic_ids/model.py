@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmrec.data.splits import PAD_ITEM, EvalSet, Split
-from llmrec.eval.metrics import ranking_metrics
+from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.collab import (
     choose_weight,
@@ -409,7 +409,7 @@ class SemanticIDRec(Recommender):
                     rec: dict[str, float] = {"epoch": float(epoch), "loss": total / max(count, 1)}
                     if len(valid) and (epoch % c.eval_every == 0 or out_of_time or epoch == c.max_epochs):
                         ranked, _ = self.recommend(valid.histories, k=10, batch_size=c.eval_batch_size)
-                        ndcg = float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"]))
+                        ndcg = mean_ndcg(ranked, valid.targets)
                         rec["valid_ndcg@10"] = ndcg
                         stopper.update(ndcg, epoch, lambda: copy.deepcopy(self.net.state_dict()))  # type: ignore[union-attr]
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", ndcg=f"{ndcg:.4f}", best=f"{stopper.best:.4f}")
@@ -456,7 +456,7 @@ class SemanticIDRec(Recommender):
         def ndcg_at(w: float) -> float:  # beam search with the prior at weight w
             self.prior_weight = w
             ranked, _ = self.recommend(valid.histories, k=10, batch_size=self.config.eval_batch_size)
-            return float(np.nanmean(ranking_metrics(ranked, valid.targets, [10], ["ndcg"])["ndcg@10"]))
+            return mean_ndcg(ranked, valid.targets)
 
         ws, scores, self.prior_weight = choose_weight(weights, ndcg_at)
         return {"weights": ws, "valid_ndcg@10": scores, "chosen": self.prior_weight, "valid_users": len(valid),
