@@ -117,6 +117,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def without_prior(model: Any, evalset: Any, ks: list[int]) -> Any:
+    """Full-ranking evaluation of the same LM at prior weight 0 (its own logits); the weight is restored."""
+    from llmrec.eval.protocol import evaluate_full
+
+    w, model.prior_weight = model.prior_weight, 0.0
+    try:
+        return evaluate_full(model, evalset, ks=ks)
+    finally:
+        model.prior_weight = w
+
+
 def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_latency: int,
              from_saved: bool = False, tag: str = "loo", dataset: str = DATASET) -> dict[str, Any]:
     from llmrec.data.splits import leave_one_out
@@ -150,9 +161,7 @@ def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_laten
     if model.collab_model is not None:  # the same SASRec (seed, split, budget) alone, and the LM without the prior
         paired["sasrec_alone"] = evaluate_full(model.collab_model, split.test, ks=KS, batch_size=256).overall
         if model.prior_weight > 0:
-            w, model.prior_weight = model.prior_weight, 0.0
-            paired["without_prior"] = evaluate_full(model, split.test, ks=KS, batch_size=256).overall
-            model.prior_weight = w
+            paired["without_prior"] = without_prior(model, split.test, KS).overall
         print(f"paired test figures: {json.dumps(paired)}", flush=True)
 
     rng = np.random.default_rng(0)
@@ -222,11 +231,9 @@ def part_next10(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int) -> d
     r = evaluate_full(model, test10, ks=[10])
     rows["itemtoken-lm, fast path (all users)"] = {m: r.overall[m] for m in metrics} | {"users": r.n_users}
     if model.prior_weight > 0:
-        w, model.prior_weight = model.prior_weight, 0.0
-        r = evaluate_full(model, test10, ks=[10])
+        r = without_prior(model, test10, [10])
         rows["itemtoken-lm without the prior, fast path (all users)"] = (
             {m: r.overall[m] for m in metrics} | {"users": r.n_users})
-        model.prior_weight = w
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(test10), min(n_gen, len(test10)), replace=False))
     sub = test10.subset(sample)
@@ -320,20 +327,16 @@ def markdown(result: dict[str, Any]) -> str:
                      else "") + "."), "",
                   "| model | precision@10 | recall@10 | hit_rate@10 | mrr@10 | ndcg@10 | invalid | duplicates | users |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, x in n10["rows"].items():
+        table = list(n10["rows"].items())
+        earlier = result.get("next10_earlier")
+        if earlier:  # the LM rows of the earlier next-10 run, kept for comparison
+            table += [(f"{earlier['variant']}: {name}", x) for name, x in earlier["rows"].items()
+                      if name.startswith("itemtoken-lm")]
+        for name, x in table:
             inv = f"{x['invalid_rate']:.3f}" if "invalid_rate" in x else "-"
             dup = f"{x['duplicate_rate']:.3f}" if "duplicate_rate" in x else "-"
             lines.append(f"| {name} | {x['precision@10']:.4f} | {x['recall@10']:.4f} | {x['hit_rate@10']:.4f} | "
                          f"{x['mrr@10']:.4f} | {x['ndcg@10']:.4f} | {inv} | {dup} | {x['users']} |")
-        earlier = result.get("next10_earlier")
-        if earlier:  # the LM rows of the earlier next-10 run, kept for comparison
-            for name, x in earlier["rows"].items():
-                if name.startswith("itemtoken-lm"):
-                    inv = f"{x['invalid_rate']:.3f}" if "invalid_rate" in x else "-"
-                    dup = f"{x['duplicate_rate']:.3f}" if "duplicate_rate" in x else "-"
-                    lines.append(f"| {earlier['variant']}: {name} | {x['precision@10']:.4f} | {x['recall@10']:.4f} | "
-                                 f"{x['hit_rate@10']:.4f} | {x['mrr@10']:.4f} | {x['ndcg@10']:.4f} | {inv} | {dup} | "
-                                 f"{x['users']} |")
         e = n10["earlier_project_gpt2_appliances"]
         lines += ["", (f"Earlier project (GPT-2 medium, Amazon 2023 Appliances, test period leaked into training "
                   f"targets, unconstrained decoding): precision@10 {e['precision@10']}, recall@10 {e['recall@10']}, "
