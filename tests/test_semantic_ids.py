@@ -306,15 +306,15 @@ def test_early_stopping_waits_for_min_epochs() -> None:
 
 
 def test_item_embeddings_and_lr_schedule(split: Split, tmp_path: Path) -> None:
-    from llmrec.models.semantic_ids.model import lr_factor
+    from llmrec.models.train import lr_factor
 
-    # warm-up rises linearly to 1, cosine decays to 10% at decay_epochs, then stays there
-    assert lr_factor(0, 10, 1.0, 5) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 1.0, 5) == pytest.approx(1.0)
-    assert lr_factor(49, 10, 1.0, 5) == pytest.approx(0.1, abs=2e-3)
-    assert lr_factor(500, 10, 1.0, 5) == pytest.approx(0.1)
-    assert lr_factor(500, 10, 0.0, 0) == 1.0
-    decay = [lr_factor(s, 10, 1.0, 5) for s in range(10, 50)]
+    # 10 steps per epoch: warm-up (1 epoch) rises linearly to 1, cosine decays to 10% at 5 epochs, then stays
+    assert lr_factor(0, 50, 10.0, "cosine") == pytest.approx(0.1)
+    assert lr_factor(9, 50, 10.0, "cosine") == pytest.approx(1.0)
+    assert lr_factor(49, 50, 10.0, "cosine") == pytest.approx(0.1, abs=2e-3)
+    assert lr_factor(500, 50, 10.0, "cosine") == pytest.approx(0.1)
+    assert lr_factor(500, 0, 0.0, "constant") == 1.0
+    decay = [lr_factor(s, 50, 10.0, "cosine") for s in range(10, 50)]
     assert all(a >= b for a, b in itertools.pairwise(decay))
 
     m = build_model("semantic-id", {**TINY, "item_embeddings": True, "warmup_epochs": 1.0, "decay_epochs": 40},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmrec.models.training import EarlyStopping
+from llmrec.models.train import EarlyStopping
 
 
 @given(st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=40),

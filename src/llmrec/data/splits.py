@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -132,6 +132,29 @@ class Split:
         if not self.train:
             return np.zeros(self.n_items, dtype=np.int64)
         return np.bincount(np.concatenate(self.train + [np.empty(0, np.int64)]), minlength=self.n_items)
+
+
+def hash_split_into(h: Any, split: Split) -> None:
+    """Feed ``h`` (a hashlib object) everything a model's fit reads of ``split``: the item count, the
+    training sequences, the validation histories, targets and users (never the test set)."""
+    h.update(f"n_items={split.n_items};n_train={len(split.train)}".encode())
+    for seqs in (split.train, split.valid.histories, split.valid.targets):
+        for s in seqs:
+            a = np.asarray(s, dtype=np.int64)
+            h.update(len(a).to_bytes(8, "little"))
+            h.update(a.tobytes())
+        h.update(b"|")
+    h.update(np.asarray(split.valid.users, dtype=np.int64).tobytes())
+
+
+def split_digest(split: Split) -> str:
+    """sha256 hex of what training reads of ``split`` (see :func:`hash_split_into`): a checkpoint
+    written on other data is not resumed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    hash_split_into(h, split)
+    return h.hexdigest()
 
 
 def _as_seq(x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmrec.data.splits import Split
+from llmrec.data.splits import Split, hash_split_into
 from llmrec.models.sasrec import SASRec, SASRecConfig
 
 
@@ -36,14 +36,7 @@ def split_key(split: Split, config: SASRecConfig) -> str:
     validation histories and targets (never the test set)."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    h.update(f"n_items={split.n_items};n_train={len(split.train)}".encode())
-    for seqs in (split.train, split.valid.histories, split.valid.targets):
-        for s in seqs:
-            a = np.asarray(s, dtype=np.int64)
-            h.update(len(a).to_bytes(8, "little"))
-            h.update(a.tobytes())
-        h.update(b"|")
-    h.update(np.asarray(split.valid.users, dtype=np.int64).tobytes())
+    hash_split_into(h, split)
     return h.hexdigest()
 
 

@@ -12,23 +12,23 @@ oldest end, so the most recent item always sits in the last column. Logits are o
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from llmrec.data.splits import Split
+from llmrec.data.splits import Split, split_digest
 from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.base import Recommender, left_pad, length_batches
-from llmrec.models.training import EarlyStopping
+from llmrec.models.train import TrainConfig, TrainTask, device_for, fit_loop, num_threads
 
 
 @dataclass
@@ -246,18 +246,12 @@ class SASRec(Recommender):
 
     def __init__(self, config: SASRecConfig, n_items: int) -> None:
         super().__init__(config, n_items)
-        self.device = torch.device(config.device)
+        self.device = device_for(config.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.net = SASRecNet(config, self.n_items).to(self.device)
 
     # --- helpers ---------------------------------------------------------------------------
-    def _set_threads(self) -> int:
-        old = torch.get_num_threads()
-        if self.config.num_threads > 0 and self.device.type == "cpu":
-            torch.set_num_threads(self.config.num_threads)
-        return old
-
     def _training_rows(self, train: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Shifted (inputs, targets), each (n_rows, max_len), one row per sequence with >= 2 items."""
         L = self.config.max_len
@@ -277,86 +271,26 @@ class SASRec(Recommender):
         return mean_ndcg(ranked, targets)
 
     # --- Recommender API -------------------------------------------------------------------
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         """Train on ``split.train``; early-stop on validation NDCG@10 (``split.test`` is never read).
 
         Returns ``{"epochs", "best_epoch", "best_valid_ndcg@10", "train_seconds", "stopped",
-        "history"}``; ``stopped`` is "max_epochs", "patience" or "max_minutes", ``history`` one
-        ``{"epoch", "loss", "valid_ndcg@10"}`` record per epoch. The best weights are restored.
+        "history", ...}``; ``stopped`` is "max_epochs", "patience" or "max_minutes", ``history`` one
+        ``{"epoch", "loss", "valid_ndcg@10"?, "step", "seconds"}`` record per epoch. The best weights
+        are restored. With ``workdir`` training checkpoints there each epoch and resumes from it.
         """
-        cfg = self.config
         if split.n_items != self.n_items:
             raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
-        old_threads = self._set_threads()
         start = time.perf_counter()
-        deadline = start + 60.0 * cfg.max_minutes
-        inputs, targets = self._training_rows(split.train)  # (R, L) each
-        lengths = (inputs != 0).sum(axis=1)  # (R,)
-        rng = np.random.default_rng(cfg.seed)
-        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        has_valid = len(split.valid) > 0
-        step, total_steps = 0, cfg.max_epochs * math.ceil(len(inputs) / cfg.batch_size)
-        epoch, stopped = 0, "max_epochs"
-        stopper = EarlyStopping(cfg.patience, cfg.min_epochs)
-        history: list[dict[str, float]] = []
-        bar = tqdm(total=cfg.max_epochs, desc="sasrec", disable=not progress, unit="ep")
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed + 1)
-                for epoch in range(1, cfg.max_epochs + 1):
-                    self.net.train()
-                    total, count = 0.0, 0
-                    out_of_time = False
-                    for idx in length_batches(lengths, cfg.batch_size, rng):
-                        if cfg.lr_schedule == "cosine":
-                            for group in opt.param_groups:
-                                group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-                        step += 1
-                        width = int(lengths[idx].max())
-                        x = torch.from_numpy(inputs[idx, -width:]).to(self.device)  # (b, width)
-                        y = torch.from_numpy(targets[idx, -width:]).to(self.device)  # (b, width)
-                        loss = self.net(x, y)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        n = int((y != 0).sum())
-                        total += float(loss.detach()) * n
-                        count += n
-                        if time.perf_counter() > deadline:
-                            out_of_time = True
-                            break
-                    record = {"epoch": float(epoch), "loss": total / max(count, 1)}
-                    if has_valid and (epoch % cfg.eval_every == 0 or out_of_time or epoch == cfg.max_epochs):
-                        ndcg = self._validate(split)
-                        record["valid_ndcg@10"] = ndcg
-                        stopper.update(ndcg, epoch, lambda: copy.deepcopy(self.net.state_dict()))
-                        bar.set_postfix(
-                            loss=f"{record['loss']:.4f}", ndcg=f"{ndcg:.4f}", best=f"{stopper.best:.4f}"
-                        )
-                    else:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
-                    history.append(record)
-                    bar.update(1)
-                    if out_of_time or time.perf_counter() > deadline:
-                        stopped = "max_minutes"
-                        break
-                    if has_valid and stopper.should_stop(epoch):
-                        stopped = "patience"
-                        break
-        finally:
-            bar.close()
-            torch.set_num_threads(old_threads)
-        if has_valid and stopper.best_state is not None:
-            self.net.load_state_dict(stopper.best_state)
+        with num_threads(self.config.num_threads, self.device):
+            task = _SASRecTask(self, split)
+            res = fit_loop(task, task.train_config(), self.device, workdir=workdir, progress=progress, fit_start=start)
         self.net.eval()
-        return {
-            "epochs": epoch,
-            "best_epoch": stopper.best_at if has_valid else epoch,
-            "best_valid_ndcg@10": stopper.best if has_valid else float("nan"),
-            "train_seconds": time.perf_counter() - start,
-            "stopped": stopped,
-            "history": history,
-        }
+        valid = task.has_validation()
+        return {"epochs": res["epochs"], "best_epoch": res["best_at"] if valid else res["epochs"],
+                "best_valid_ndcg@10": res["best_valid_ndcg@10"], "train_seconds": time.perf_counter() - start,
+                "stopped": res["stopped"], "history": res["history"], "steps": res["steps"],
+                "resumed_from": res["resumed_from"], "processes": res["processes"]}
 
     def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32 next-item logits for each history of dataset item ids."""
@@ -369,22 +303,18 @@ class SASRec(Recommender):
 
     def _last_hidden(self, histories: Sequence[np.ndarray], head: Any, width: int) -> np.ndarray:
         """``head`` applied to the (b, H) last-position hidden states of batches of histories: (n, width)."""
-        old_threads = self._set_threads()
         self.net.eval()
         L, bs = self.config.max_len, self.config.eval_batch_size
         out = np.empty((len(histories), width), dtype=np.float32)
         hists = [np.asarray(h, dtype=np.int64)[-L:] + 1 for h in histories]  # shifted ids
         order = np.argsort([len(h) for h in hists], kind="stable")  # similar lengths share a batch
-        try:
-            with torch.no_grad():
-                for s in range(0, len(hists), bs):
-                    rows = order[s : s + bs]
-                    chunk = [hists[i] for i in rows]
-                    w = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty
-                    tokens = torch.from_numpy(left_pad(chunk, w, fill=0)).to(self.device)  # (b, w)
-                    out[rows] = head(self.net.hidden(tokens)[:, -1, :]).float().cpu().numpy()
-        finally:
-            torch.set_num_threads(old_threads)
+        with num_threads(self.config.num_threads, self.device), torch.no_grad():
+            for s in range(0, len(hists), bs):
+                rows = order[s : s + bs]
+                chunk = [hists[i] for i in rows]
+                w = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty
+                tokens = torch.from_numpy(left_pad(chunk, w, fill=0)).to(self.device)  # (b, w)
+                out[rows] = head(self.net.hidden(tokens)[:, -1, :]).float().cpu().numpy()
         return out
 
     def item_vectors(self) -> np.ndarray:
@@ -400,3 +330,55 @@ class SASRec(Recommender):
         state = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
         self.net.load_state_dict(state, strict=True)
         self.net.eval()
+
+
+# Config keys that may differ between an interrupted fit and its resumption (they do not change the result).
+RESUME_FREE = frozenset({"max_minutes", "num_threads", "device", "eval_batch_size"})
+
+
+class _SASRecTask(TrainTask):
+    """SASRec's training for the shared loop: length-bucketed batches of the training rows drawn
+    from one seeded numpy stream, full-softmax loss, validation NDCG@10 on all validation users."""
+
+    name = "sasrec"
+
+    def __init__(self, model: SASRec, split: Split) -> None:
+        self.model, self.split, self.module = model, split, model.net
+        self.inputs, self.targets = model._training_rows(split.train)  # (R, L) each
+        self.lengths = (self.inputs != 0).sum(axis=1)  # (R,)
+        self.data_rng = np.random.default_rng(model.config.seed)
+
+    def train_config(self) -> TrainConfig:
+        """Epoch unit; cosine-to-zero over ``max_epochs`` (or constant); the budget counts from fit's
+        start; dropout seeded once with ``seed + 1``."""
+        c = self.model.config
+        return TrainConfig(unit="epoch", max_epochs=c.max_epochs, max_minutes=c.max_minutes, clock="fit",
+                           eval_every=c.eval_every, patience=c.patience, min_rounds=c.min_epochs,
+                           weight_decay=c.weight_decay,
+                           schedule="cosine-to-zero" if c.lr_schedule == "cosine" else "constant",
+                           rng="stream", seed=c.seed + 1)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.module.parameters()), "lr": self.model.config.lr}]
+
+    def n_batches(self) -> int:
+        return math.ceil(len(self.inputs) / self.model.config.batch_size)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        return length_batches(self.lengths, self.model.config.batch_size, self.data_rng)
+
+    def loss(self, idx: np.ndarray) -> tuple[torch.Tensor, float]:
+        width = int(self.lengths[idx].max())
+        x = torch.from_numpy(self.inputs[idx, -width:]).to(self.model.device)  # (b, width)
+        y = torch.from_numpy(self.targets[idx, -width:]).to(self.model.device)  # (b, width)
+        return self.module(x, y), float((y != 0).sum())
+
+    def has_validation(self) -> bool:
+        return len(self.split.valid) > 0
+
+    def validate(self) -> float:
+        return self.model._validate(self.split)
+
+    def resume_key(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in dataclasses.asdict(self.model.config).items() if k not in RESUME_FREE}
+        return {"config": cfg, "data": split_digest(self.split)}

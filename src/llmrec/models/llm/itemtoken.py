@@ -38,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec.data.splits import Padding, Split, pad_targets
+from llmrec.data.splits import Padding, Split, pad_targets, split_digest
 from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.amp import Amp, autocast
 from llmrec.models.base import Recommender, top_k
@@ -77,7 +75,7 @@ from llmrec.models.llm.prompts import (
     user_token,
 )
 from llmrec.models.sasrec import SASRecConfig
-from llmrec.models.training import EarlyStopping, lr_factor
+from llmrec.models.train import Checkpoint, TrainConfig, TrainTask, device_for, fit_loop, num_threads
 
 STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_state = "token"``
 
@@ -402,7 +400,7 @@ class ItemTokenLM(Recommender):
         self.prompts: PromptBuilder | None = None
         self.titles: list[str] = []
         self.n_users = 0  # users with their own token (``user_tokens``); row n_users is the unknown user
-        self.device = torch.device(config.device)
+        self.device = device_for(config.device)
         self.collab_model: Any = None  # the frozen SASRec of ``collab_state`` / ``collab_prior``
         self.prior_weight = config.collab_prior  # the SASRec prior's weight in use (fit may pick it on validation)
         self.state_scale = 1.0  # SASRec states are multiplied by this (mean training state norm -> 1)
@@ -517,12 +515,6 @@ class ItemTokenLM(Recommender):
         if self.net is None:
             raise RuntimeError("itemtoken-lm: the model is not trained or loaded yet")
         return self.net
-
-    def _set_threads(self) -> int:
-        old = torch.get_num_threads()
-        if self.config.num_threads > 0:
-            torch.set_num_threads(self.config.num_threads)
-        return old
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything that training changes: item rows and adapter (or transformer) weights."""
@@ -732,169 +724,55 @@ class ItemTokenLM(Recommender):
     def _after_step(self, step: int) -> None:
         """Hook called after every optimizer step (tests use it to simulate an interruption)."""
 
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         """Fine-tune on ``split.train``; early stopping on validation NDCG@10 (``split.test`` is never read).
+        Checkpoints go to ``checkpoint_dir`` (relative to ``workdir`` when one is given; ``""`` = ``workdir``
+        itself, or none) and an interrupted fit resumes from them.
 
         Returns ``{"steps", "epochs", "best_step", "best_valid_ndcg@10", "train_seconds", "stopped",
-        "resumed_from", "history", "seconds_per_step"}``.
+        "resumed_from", "history", "seconds_per_step", ...}``.
         """
-        from tqdm.auto import tqdm
-
-        cfg = self.config
         if split.n_items != self.n_items:
             raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
+        cfg, start = self.config, time.perf_counter()
         titles = split.catalog.titles if split.catalog is not None else [f"item {i}" for i in range(self.n_items)]
         self.feedback = split.feedback if self.wants_feedback else None
-        old_threads = self._set_threads()
-        start = time.perf_counter()
-        try:
-            collab, collab_info, state_dim = None, None, 0
-            resuming = bool(cfg.checkpoint_dir) and Checkpointer(Path(cfg.checkpoint_dir), self).exists()
-            init_collab = cfg.collab_init == "sasrec" and not resuming  # a resumed run restores its item rows
-            if init_collab or cfg.collab_state != "none" or cfg.uses_prior:
-                sasrec, collab_info = fit_sasrec(
-                    split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed), progress=progress,
-                    cache_dir=default_cache_dir() if cfg.collab_cache else None)
-                if init_collab:
-                    collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank))
-                if cfg.collab_state != "none" or cfg.uses_prior:
-                    self.collab_model, self._collab_rows = sasrec, None
-                    self.state_scale = state_scale(sasrec, split.train)
-                if cfg.collab_state != "none":
-                    state_dim = sasrec.config.hidden_size
+        ckdir = checkpoint_root(cfg.checkpoint_dir, workdir)
+        with num_threads(cfg.num_threads):
+            resuming = ckdir is not None and Checkpoint(ckdir, {}).exists()
+            collab, collab_info, state_dim = self._fit_companion(split, resuming, progress)
             self._build(titles, n_users=len(split.train), collab=collab, state_dim=state_dim)
-            net = self._require_net()
-            state = self.trainable_state()
-            item_params = [p for p in net.item_state().values() if isinstance(p, nn.Parameter)]
-            lm_params = [p for n, p in state.items() if n.startswith("lm.")]
-            groups = [{"params": item_params, "lr": cfg.item_lr, "base_lr": cfg.item_lr}]
-            if lm_params:
-                groups.append({"params": lm_params, "lr": cfg.lr, "base_lr": cfg.lr})
-            opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-            valid = split.valid.sample(cfg.valid_users, np.random.default_rng([cfg.seed, 7]))
-            has_valid = len(valid) > 0
-
-            examples, examples_epoch = self._epoch_examples(split.train, 0), 0
-            n_examples0 = len(examples)
-            steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
-            total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
-
-            ckpt = Checkpointer(Path(cfg.checkpoint_dir), self) if cfg.checkpoint_dir else None
-            run = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "best_step": 0, "bad": 0, "elapsed": 0.0,
-                   "history": [], "resumed_from": None}
-            stopper = EarlyStopping(cfg.patience)
-            stopper.best_state = {n: p.detach().clone() for n, p in self.trainable_state().items()}
-            if ckpt is not None and ckpt.exists():
-                run, stopper.best_state = ckpt.restore(opt)
-                run["resumed_from"] = run["step"]
-                stopper.restore_position({"best": run["best"], "best_at": run["best_step"], "bad": run["bad"]})
-            base_elapsed = float(run["elapsed"])
-            t_start = time.perf_counter()
-            deadline = 60.0 * cfg.max_minutes
-
-            def elapsed() -> float:
-                return base_elapsed + time.perf_counter() - t_start
-
-            def validate_and_track() -> None:
-                ndcg = self._validate(valid)
-                run["history"].append({"step": run["step"], "epoch": run["epoch"], "valid_ndcg@10": ndcg,
-                                       "loss": run.get("loss", float("nan")), "seconds": elapsed()})
-                stopper.update(ndcg, run["step"],
-                               lambda: {n: p.detach().clone() for n, p in self.trainable_state().items()})
-                run["best"], run["best_step"], run["bad"] = stopper.best, stopper.best_at, stopper.bad
-
-            stopped = "epochs"
-            bar = tqdm(total=total_steps, initial=run["step"], desc="itemtoken-lm", disable=not progress, unit="step")
-            step_times: list[float] = []
-            done = run["step"] >= total_steps
-            while not done and run["epoch"] < cfg.epochs:
-                epoch = run["epoch"]
-                if cfg.examples_per_user and examples_epoch != epoch:  # cut points sampled per epoch
-                    examples, examples_epoch = self._epoch_examples(split.train, epoch), epoch
-                # (otherwise every epoch has the same examples and SASRec states: built once)
-                lengths = np.array([len(e[0]) for e in examples])
-                batches = self._batches(len(examples), lengths, epoch)
-                n_steps = math.ceil(len(batches) / cfg.grad_accum)
-                losses: list[float] = []
-                for s in range(run["batch"], n_steps):
-                    t0 = time.perf_counter()
-                    net.train()
-                    torch.manual_seed(cfg.seed * 1_000_003 + run["step"])  # dropout: same after resuming
-                    for g in opt.param_groups:
-                        g["lr"] = g["base_lr"] * lr_factor(run["step"], run.get("sched_total", total_steps),
-                                                            cfg.warmup_steps, cfg.schedule)
-                    opt.zero_grad(set_to_none=True)
-                    micro = batches[s * cfg.grad_accum : (s + 1) * cfg.grad_accum]
-                    for b in micro:
-                        ids = self._pad([examples[i][0] for i in b], 0)
-                        labels = self._pad([examples[i][1] for i in b], IGNORE)
-                        amask = self._pad([examples[i][2] for i in b], False)
-                        with autocast(cfg.amp, self.device), net.using_states(self._batch_states(examples, b)):
-                            loss = self.loss(ids, labels, amask) / len(micro)
-                        loss.backward()
-                        losses.append(float(loss.detach()) * len(micro))
-                    opt.step()
-                    net.eval()
-                    run["step"] += 1
-                    run["batch"] = s + 1
-                    run["loss"] = float(np.mean(losses[-50:]))
-                    step_times.append(time.perf_counter() - t0)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{run['loss']:.3f}", best=f"{run['best']:.4f}")
-                    self._after_step(run["step"])
-                    if cfg.fit_schedule_to_budget and (run["step"] == 10 or run["step"] % cfg.eval_every == 1):
-                        # steps that fit the remaining budget at the pace so far (10% margin for validation)
-                        pace = elapsed() / max(1, run["step"])
-                        fit_steps = run["step"] + int(0.9 * (deadline - elapsed()) / max(pace, 1e-9))
-                        run["sched_total"] = max(run["step"] + 1, min(total_steps, fit_steps))
-                    last_of_epoch = s + 1 == n_steps
-                    if has_valid and run["step"] % cfg.eval_every == 0:
-                        validate_and_track()
-                    if ckpt is not None and (run["step"] % cfg.checkpoint_every == 0 or last_of_epoch):
-                        run["elapsed"] = elapsed()
-                        ckpt.save(run, stopper.best_state, opt)
-                    if run["step"] >= total_steps:
-                        stopped, done = "max_steps", True
-                    elif elapsed() > deadline:
-                        stopped, done = "max_minutes", True
-                    elif has_valid and stopper.should_stop(run["step"]):
-                        stopped, done = "patience", True
-                    if done:
-                        break
-                if not done:
-                    run["epoch"] += 1
-                    run["batch"] = 0
-            bar.close()
-            if has_valid and (not run["history"] or run["history"][-1]["step"] != run["step"]):
-                validate_and_track()
-            if has_valid:
-                self._load_trainable(stopper.best_state)
-            if ckpt is not None:
-                run["elapsed"] = elapsed()
-                ckpt.save(run, stopper.best_state, opt)
-            net.eval()
+            task = _LMTask(self, split)
+            res = fit_loop(task, task.train_config(), self.device, workdir=workdir, checkpoint_dir=ckdir,
+                           progress=progress)
             prior_info = None
             if cfg.collab_prior_grid and len(split.valid):
                 prior_info = self.choose_prior(split.valid, [cfg.collab_prior, *cfg.collab_prior_grid],
                                                cfg.prior_valid_users, seed=cfg.seed)
-        finally:
-            torch.set_num_threads(old_threads)
-        return {
-            "steps": run["step"],
-            "epochs": run["step"] / max(1, steps_per_epoch),
-            "steps_per_epoch": steps_per_epoch,
-            "examples_per_epoch": n_examples0,
-            "best_step": run["best_step"],
-            "best_valid_ndcg@10": run["best"] if has_valid else float("nan"),
-            "valid_users": len(valid),
-            "train_seconds": time.perf_counter() - start,
-            "seconds_per_step": float(np.median(step_times)) if step_times else float("nan"),
-            "stopped": stopped,
-            "resumed_from": run["resumed_from"],
-            "collab": collab_info,
-            "collab_prior": prior_info,
-            "history": run["history"],
-        }
+        return {"steps": res["steps"], "epochs": res["steps"] / res["steps_per_epoch"],
+                "steps_per_epoch": res["steps_per_epoch"], "examples_per_epoch": task.n_examples0,
+                "best_step": res["best_at"], "best_valid_ndcg@10": res["best_valid_ndcg@10"],
+                "valid_users": len(task.valid), "train_seconds": time.perf_counter() - start,
+                "seconds_per_step": res["seconds_per_step"],
+                "stopped": "epochs" if res["stopped"] == "max_epochs" else res["stopped"],
+                "resumed_from": res["resumed_from"], "processes": res["processes"], "collab": collab_info,
+                "collab_prior": prior_info, "history": res["history"]}
+
+    def _fit_companion(self, split: Split, resuming: bool, progress: bool) -> tuple[Any, Any, int]:
+        """Fit (or load from the cache) the SASRec that the config reads: (initial rank-r item deltas or
+        None, its fit facts or None, the width of its states or 0). A resumed run restores its item rows."""
+        cfg = self.config
+        init_collab = cfg.collab_init == "sasrec" and not resuming
+        if not (init_collab or cfg.collab_state != "none" or cfg.uses_prior):
+            return None, None, 0
+        sasrec, info = fit_sasrec(split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed),
+                                  progress=progress, cache_dir=default_cache_dir() if cfg.collab_cache else None)
+        collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank)) \
+            if init_collab else None
+        if cfg.collab_state != "none" or cfg.uses_prior:
+            self.collab_model, self._collab_rows = sasrec, None
+            self.state_scale = state_scale(sasrec, split.train)
+        return collab, info, sasrec.config.hidden_size if cfg.collab_state != "none" else 0
 
     # --- inference ----------------------------------------------------------------------
     def prompt_ids(self, history: np.ndarray, user: int | None = None) -> np.ndarray:
@@ -914,14 +792,13 @@ class ItemTokenLM(Recommender):
         """(n, n_items) float32: item-row logits at the answer position, one forward pass per batch (plus
         :attr:`prior_weight` x SASRec's logits of each history when the prior is on)."""
         net = self._require_net()
-        old_threads = self._set_threads()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
         states = self._prompt_states(prompts, histories)
         order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a batch
         bs = self.config.eval_batch_size
-        try:
-            with torch.inference_mode(), autocast(self.config.amp, self.device):
+        with num_threads(self.config.num_threads), torch.inference_mode(), autocast(self.config.amp, self.device):
+            if True:
                 for s in range(0, len(prompts), bs):
                     rows = order[s : s + bs]
                     ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
@@ -934,8 +811,6 @@ class ItemTokenLM(Recommender):
                     if net.collab_weight is not None and st is not None:
                         logits = logits + self._residual(latest_states(st)[at, last])
                     out[rows] = logits[:, : self.n_items].float().cpu().numpy()
-        finally:
-            torch.set_num_threads(old_threads)
         if self.prior_weight > 0:
             if self.collab_model is None:
                 raise RuntimeError("itemtoken-lm: collab_prior > 0 needs the model's SASRec (fit or load the model)")
@@ -967,15 +842,14 @@ class ItemTokenLM(Recommender):
         if mode == "fast":
             return self.recommend(histories, k=k, exclude_seen=exclude_seen, users=users)[0]
         net = self._require_net()
-        old_threads = self._set_threads()
         out = np.empty((len(histories), k), dtype=np.int64)
         trie = single_token_trie(self.n_items, net.n_base)
         if mode not in ("beam", "greedy"):
             raise ValueError(f"unknown decoding mode {mode!r}")
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
         states = self._prompt_states(prompts, histories)
-        try:
-            with autocast(self.config.amp, self.device):
+        with num_threads(self.config.num_threads), autocast(self.config.amp, self.device):
+            if True:
                 if mode == "beam":  # batched: users of similar prompt length share a batch
                     order = np.argsort([len(p) for p in prompts], kind="stable")
                     bs = self.config.eval_batch_size
@@ -992,8 +866,6 @@ class ItemTokenLM(Recommender):
                     for i, ids in enumerate(prompts):
                         with net.using_states(None if states is None else self._stack_states([states[i]])):
                             out[i] = greedy_generate(net, ids, self.n_items, k)
-        finally:
-            torch.set_num_threads(old_threads)
         return out
 
     # --- persistence --------------------------------------------------------------------
@@ -1016,11 +888,8 @@ class ItemTokenLM(Recommender):
         if self.config.collab_state != "none":
             state_dim = self.collab_model.config.hidden_size
         tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}
-        old = self._set_threads()
-        try:
+        with num_threads(self.config.num_threads):
             self._build(extra["titles"], init_rows=False, n_users=int(extra.get("n_users", 0)), state_dim=state_dim)
-        finally:
-            torch.set_num_threads(old)
         if self._require_net().n_base != extra["n_base"]:
             raise ValueError(f"backbone {self.config.backbone} has a vocabulary of {self._require_net().n_base}, "
                              f"the saved model expects {extra['n_base']}")
@@ -1028,61 +897,81 @@ class ItemTokenLM(Recommender):
         self._require_net().eval()
 
 
-# --- checkpoints --------------------------------------------------------------------------
+def checkpoint_root(checkpoint_dir: str, workdir: str | Path | None) -> Path | None:
+    """Where a fit keeps its checkpoints: ``checkpoint_dir`` (relative to ``workdir``, the run being
+    trained, when there is one), ``workdir`` itself for ``""``, or None (no checkpoints)."""
+    if checkpoint_dir:
+        path = Path(checkpoint_dir)
+        return path if path.is_absolute() or workdir is None else Path(workdir) / path
+    return None if workdir is None else Path(workdir)
 
 
-class Checkpointer:
-    """Resumable training state in ``dir/ckpt``: trainable and best weights, optimizer moments
-    (safetensors) and the loop position (JSON). Written into ``ckpt.tmp`` and renamed into place."""
+class _LMTask(TrainTask):
+    """The item-token LM's fine-tuning for the shared loop: prompts of training prefixes (rebuilt per
+    epoch only when cut points are sampled), batches of similar length shuffled per (seed, epoch),
+    item-softmax loss; validation NDCG@10 on a fixed sample of validation users."""
 
-    def __init__(self, root: Path, model: ItemTokenLM) -> None:
-        self.root = root
-        self.dir = root / "ckpt"
-        self.model = model
+    name = "itemtoken-lm"
 
-    def exists(self) -> bool:
-        return (self.dir / "state.json").exists()
+    def __init__(self, model: ItemTokenLM, split: Split) -> None:
+        cfg = model.config
+        self.model, self.split, self.module = model, split, model._require_net()
+        self.valid = split.valid.sample(cfg.valid_users, np.random.default_rng([cfg.seed, 7]))
+        self.examples, self.examples_epoch = model._epoch_examples(split.train, 0), 0
+        self.n_examples0 = len(self.examples)
 
-    def _config(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self.model.config).items() if k not in _RESUME_FREE}
+    def train_config(self) -> TrainConfig:
+        """Step unit; warm-up then ``schedule`` (fitted to the budget), gradient accumulation, dropout
+        reseeded per step, the budget counted from the first step, the loss of the last 50 batches."""
+        c = self.model.config
+        return TrainConfig(unit="step", max_epochs=c.epochs, max_steps=c.max_steps, max_minutes=c.max_minutes,
+                           clock="loop", eval_every=c.eval_every, patience=c.patience, weight_decay=c.weight_decay,
+                           schedule=c.schedule, warmup_steps=c.warmup_steps,
+                           fit_schedule_to_budget=c.fit_schedule_to_budget, grad_accum=c.grad_accum, rng="per-step",
+                           seed=c.seed, checkpoint_every=c.checkpoint_every, loss_window=50)
 
-    def save(self, run: dict[str, Any], best: dict[str, torch.Tensor], opt: torch.optim.Optimizer) -> None:
-        from safetensors.torch import save_file
+    def param_groups(self) -> list[dict[str, Any]]:
+        c, net = self.model.config, self.module
+        item_params = [p for p in net.item_state().values() if isinstance(p, nn.Parameter)]
+        lm_params = [p for n, p in self.model.trainable_state().items() if n.startswith("lm.")]
+        groups = [{"params": item_params, "lr": c.item_lr, "base_lr": c.item_lr}]
+        if lm_params:
+            groups.append({"params": lm_params, "lr": c.lr, "base_lr": c.lr})
+        return groups
 
-        tmp = self.root / "ckpt.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        cur = {n: p.detach().contiguous().clone() for n, p in self.model.trainable_state().items()}
-        save_file(cur, str(tmp / "trainable.safetensors"))
-        save_file({n: t.contiguous() for n, t in best.items()}, str(tmp / "best.safetensors"))
-        sd = opt.state_dict()
-        moments = {f"{pid}.{key}": torch.as_tensor(v).contiguous().clone()
-                   for pid, st in sd["state"].items() for key, v in st.items()}
-        save_file(moments, str(tmp / "optim.safetensors"))
-        groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-        state = {"run": run, "config": self._config(), "param_groups": groups}
-        (tmp / "state.json").write_text(json.dumps(state, default=float))
-        old = self.root / "ckpt.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.dir.exists():
-            os.replace(self.dir, old)
-        os.replace(tmp, self.dir)
-        shutil.rmtree(old, ignore_errors=True)
+    def n_batches(self) -> int:
+        return math.ceil(len(self.examples) / self.model.config.batch_size)
 
-    def restore(self, opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        from safetensors.torch import load_file
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        if self.model.config.examples_per_user and self.examples_epoch != epoch:  # cut points sampled per epoch
+            self.examples, self.examples_epoch = self.model._epoch_examples(self.split.train, epoch), epoch
+        # (otherwise every epoch has the same examples and SASRec states: built once)
+        lengths = np.array([len(e[0]) for e in self.examples])
+        return self.model._batches(len(self.examples), lengths, epoch)
 
-        state = json.loads((self.dir / "state.json").read_text())
-        if state["config"] != self._config():
-            diff = sorted(k for k in state["config"] if state["config"][k] != self._config().get(k))
-            raise ValueError(f"{self.dir}: checkpoint was written with another config (differs in {diff}); "
-                             "use another checkpoint_dir or delete it")
-        self.model._load_trainable(load_file(str(self.dir / "trainable.safetensors")))
-        best = load_file(str(self.dir / "best.safetensors"))
-        moments = load_file(str(self.dir / "optim.safetensors"))
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in moments.items():
-            pid, name = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[name] = v
-        opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-        return state["run"], best
+    def loss(self, rows: np.ndarray) -> tuple[torch.Tensor, float]:
+        m, ex = self.model, self.examples
+        ids = m._pad([ex[i][0] for i in rows], 0)
+        labels = m._pad([ex[i][1] for i in rows], IGNORE)
+        amask = m._pad([ex[i][2] for i in rows], False)
+        with autocast(m.config.amp, m.device), self.module.using_states(m._batch_states(ex, rows)):
+            return m.loss(ids, labels, amask), 1.0
+
+    def has_validation(self) -> bool:
+        return len(self.valid) > 0
+
+    def validate(self) -> float:
+        return self.model._validate(self.valid)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.trainable_state().items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.model._load_trainable(state)
+
+    def resume_key(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in asdict(self.model.config).items() if k not in _RESUME_FREE}
+        return {"config": cfg, "data": split_digest(self.split)}
+
+    def after_step(self, step: int) -> None:
+        self.model._after_step(step)

@@ -23,17 +23,16 @@ no target's own text ever reaches its interests.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from llmrec.data.splits import PAD_ITEM, EvalSet, Split
+from llmrec.data.splits import PAD_ITEM, EvalSet, Split, split_digest
 from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.collab import (
@@ -60,8 +59,7 @@ from llmrec.models.semantic_ids.interests import (
 )
 from llmrec.models.semantic_ids.rqvae import RQVAEConfig, train_rqvae
 from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
-from llmrec.models.training import EarlyStopping
-from llmrec.models.training import lr_factor as shared_lr_factor
+from llmrec.models.train import TrainConfig, TrainTask, device_for, fit_loop, num_threads, say
 
 
 @dataclass
@@ -162,20 +160,13 @@ class SemanticIDConfig:
         return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
 
 
-def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, decay_epochs: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based) for a schedule given in epochs:
-    linear warm-up, then cosine decay to 10% at ``decay_epochs`` (constant throughout if 0)."""
-    return shared_lr_factor(step, decay_epochs * steps_per_epoch, warmup_epochs * steps_per_epoch,
-                            "cosine" if decay_epochs > 0 else "constant")
-
-
 class SemanticIDRec(Recommender):
     name = "semantic-id"
     Config = SemanticIDConfig
 
     def __init__(self, config: SemanticIDConfig, n_items: int) -> None:
         super().__init__(config, n_items)
-        self.device = torch.device(config.device)
+        self.device = device_for(config.device)
         self.net: SemIDSeq2Seq | None = None
         self.codes: np.ndarray | None = None  # (N, L) unique code tuples
         self.trie: CodeTrie | None = None
@@ -258,12 +249,6 @@ class SemanticIDRec(Recommender):
         self.trie = CodeTrie(self.codes, vocab_sizes).to(self.device)  # type: ignore[arg-type]
         self._codes_t = torch.from_numpy(self.codes).to(self.device)  # type: ignore[arg-type]
 
-    def _set_threads(self) -> int:
-        old = torch.get_num_threads()
-        if self.config.num_threads > 0 and self.device.type == "cpu":
-            torch.set_num_threads(self.config.num_threads)
-        return old
-
     def _encode_histories(self, histories: Sequence[np.ndarray]):
         """memory (B, T, d), mem_mask (B, T), fused interests or None."""
         assert self.net is not None
@@ -294,19 +279,33 @@ class SemanticIDRec(Recommender):
         return torch.from_numpy(out).to(self.device)
 
     # --- fit -------------------------------------------------------------------------------
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
-        """Embed items, learn semantic IDs, then train the generator (early stopping on validation)."""
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
+        """Embed items, learn semantic IDs, then train the generator (early stopping on validation;
+        with ``workdir``, checkpoints there each epoch and resumes from them)."""
         if split.n_items != self.n_items:
             raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
-        old_threads = self._set_threads()
-        try:
-            return self._fit(split, progress)
-        finally:
-            torch.set_num_threads(old_threads)
-
-    def _fit(self, split: Split, progress: bool) -> dict[str, Any]:
-        c = self.config
         start = time.perf_counter()
+        with num_threads(self.config.num_threads, self.device):
+            info = self._prepare(split, progress)
+            task = _GeneratorTask(self, split, progress)
+            res = fit_loop(task, task.train_config(), self.device, workdir=workdir, progress=progress)
+            self.net.eval()  # type: ignore[union-attr]
+            prior_info = self._choose_prior_after_fit(split, progress)
+        valid = task.has_validation()
+        return {
+            "epochs": res["epochs"], "best_epoch": res["best_at"] if valid else res["epochs"],
+            "best_valid_ndcg@10": res["best_valid_ndcg@10"], "stopped": res["stopped"],
+            "train_seconds": time.perf_counter() - start, **info, "generator_seconds": res["seconds"],
+            "interest_seconds": info["interest_seconds"] + task.interest_seconds, "history": res["history"],
+            "steps": res["steps"], "resumed_from": res["resumed_from"], "processes": res["processes"],
+            "n_parameters": int(sum(p.numel() for p in self.net.parameters())),  # type: ignore[union-attr]
+            "interest_extractor": self.extractor.cache_id if self.config.use_interests else None,
+            "collab_prior": prior_info,
+        }
+
+    def _prepare(self, split: Split, progress: bool) -> dict[str, Any]:
+        """Item texts and embeddings, the optional SASRec, the RQ-VAE codes and the (untrained) net."""
+        c = self.config
         cat = split.catalog
         if cat is not None:
             self.items = [ItemText(cat.titles[i] or cat.item_ids[i], tuple(cat.categories[i] or ()), cat.brands[i])
@@ -317,6 +316,7 @@ class SemanticIDRec(Recommender):
             texts = [it.title for it in self.items]
         self._extractor = None
         t0 = time.perf_counter()
+        say(progress, f"semantic-id: embedding {len(texts)} item texts with {c.embedder}")
         emb = self.embedder.encode(texts)  # (N, E)
         embed_s = time.perf_counter() - t0
         collab_info = None
@@ -337,112 +337,21 @@ class SemanticIDRec(Recommender):
         rq_cfg = RQVAEConfig(levels=c.rq_levels, codebook_size=c.rq_codebook_size, latent_dim=c.rq_latent_dim,
                              hidden=c.rq_hidden, steps=c.rq_steps, batch_size=c.rq_batch_size, lr=c.rq_lr,
                              beta=c.rq_beta, seed=c.seed)
-        _, self.codes, self.rq_stats = train_rqvae(emb, rq_cfg)
+        _, self.codes, self.rq_stats = train_rqvae(emb, rq_cfg, progress=progress)
         self.rq_stats["seconds"] = time.perf_counter() - t0
         vocab = tuple([c.rq_codebook_size] * c.rq_levels + [int(self.rq_stats["extra_level_size"])])
         self._build_net(vocab, self.embedder.dim)
-        assert self.net is not None
+        return {"embed_seconds": embed_s, "rqvae": self.rq_stats, "collab": collab_info, "interest_seconds": 0.0}
 
-        # training rows: the last max_len+1 items of each training sequence
-        L = c.max_len
-        users = [u for u, s in enumerate(split.train) if len(s) >= 2]
-        seqs = [np.asarray(split.train[u], dtype=np.int64) for u in users]
-        inputs = left_pad([s[-(L + 1):-1] for s in seqs], L)  # (R, L)
-        targets = left_pad([s[-L:] for s in seqs], L)  # (R, L)
-        lengths = (inputs >= 0).sum(1)
-        # (R, L, d) SASRec states aligned with the inputs: of the training sequence up to each input item
-        train_states = None if not c.collab_states else \
-            self._history_states([s[:-1] for s in seqs], L).cpu().numpy()
-        t0 = time.perf_counter()
-        int_ids = None
-        phrase_table = None
-        if c.use_interests:
-            int_ids, phrase_table = self._training_interests(seqs, progress)
-        interest_s = time.perf_counter() - t0
-
-        rng = np.random.default_rng(c.seed)
-        valid = split.valid.sample(c.valid_users, rng)
-        if c.use_interests and isinstance(self.extractor, CachedExtractor) and len(valid):
-            t0 = time.perf_counter()  # LLM interests of the validation histories, ahead of the clock
-            self.interests_of(valid.histories, progress=progress)
-            interest_s += time.perf_counter() - t0
-        opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        gen_start = time.perf_counter()
-        deadline = gen_start + 60.0 * c.max_minutes  # the generator's budget (embedding and RQ-VAE excluded)
-        epoch, stopped = 0, "max_epochs"
-        stopper = EarlyStopping(c.patience, c.min_epochs)
-        step, steps_per_epoch = 0, max(1, -(-len(inputs) // c.batch_size))
-        history: list[dict[str, float]] = []
-        bar = tqdm(total=c.max_epochs, desc="semantic-id", disable=not progress, unit="ep")
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(c.seed + 1)
-                for epoch in range(1, c.max_epochs + 1):
-                    self.net.train()
-                    total, count, out_of_time = 0.0, 0, False
-                    for idx in length_batches(lengths, c.batch_size, rng):
-                        w = int(lengths[idx].max())
-                        x = torch.from_numpy(inputs[idx, -w:]).to(self.device)  # (b, w)
-                        y = torch.from_numpy(targets[idx, -w:]).to(self.device)  # (b, w)
-                        pad, has_t = x < 0, y >= 0
-                        interests = None
-                        if int_ids is not None and phrase_table is not None:
-                            pid = torch.from_numpy(int_ids[idx, -w:]).to(self.device)  # (b, w, P)
-                            interests = (phrase_table[pid.clamp(min=0)], pid >= 0)  # (b, w, P, E), (b, w, P)
-                        for g in opt.param_groups:
-                            g["lr"] = c.lr * lr_factor(step, steps_per_epoch, c.warmup_epochs, c.decay_epochs)
-                        step += 1
-                        st = None if train_states is None else \
-                            torch.from_numpy(train_states[idx, -w:]).to(self.device)  # (b, w, d)
-                        _, loss = self.net(self._codes_t[x.clamp(min=0)], pad, self._codes_t[y.clamp(min=0)],
-                                           has_t, interests, x, st)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
-                        opt.step()
-                        n = int(has_t.sum())
-                        total += float(loss.detach()) * n
-                        count += n
-                        if time.perf_counter() > deadline:
-                            out_of_time = True
-                            break
-                    rec: dict[str, float] = {"epoch": float(epoch), "loss": total / max(count, 1)}
-                    if len(valid) and (epoch % c.eval_every == 0 or out_of_time or epoch == c.max_epochs):
-                        ranked, _ = self.recommend(valid.histories, k=10, batch_size=c.eval_batch_size)
-                        ndcg = mean_ndcg(ranked, valid.targets)
-                        rec["valid_ndcg@10"] = ndcg
-                        stopper.update(ndcg, epoch, lambda: copy.deepcopy(self.net.state_dict()))  # type: ignore[union-attr]
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", ndcg=f"{ndcg:.4f}", best=f"{stopper.best:.4f}")
-                    history.append(rec)
-                    bar.update(1)
-                    if out_of_time or time.perf_counter() > deadline:
-                        stopped = "max_minutes"
-                        break
-                    if len(valid) and stopper.should_stop(epoch):
-                        stopped = "patience"
-                        break
-        finally:
-            bar.close()
-        if len(valid) and stopper.best_state is not None:
-            self.net.load_state_dict(stopper.best_state)
-        self.net.eval()
-        prior_info = None
-        if c.collab_prior_grid and len(split.valid):
-            prior_info = self.choose_prior(split.valid, [c.collab_prior, *c.collab_prior_grid],
-                                           c.prior_valid_users, seed=c.seed)
-        return {
-            "epochs": epoch, "best_epoch": stopper.best_at if len(valid) else epoch,
-            "best_valid_ndcg@10": stopper.best if len(valid) else float("nan"),
-            "stopped": stopped, "train_seconds": time.perf_counter() - start, "embed_seconds": embed_s,
-            "generator_seconds": time.perf_counter() - gen_start,
-            "interest_seconds": interest_s, "rqvae": self.rq_stats, "collab": collab_info, "history": history,
-            "n_parameters": int(sum(p.numel() for p in self.net.parameters())),
-            "interest_extractor": self.extractor.cache_id if c.use_interests else None,
-            "collab_prior": prior_info,
-        }
+    def _choose_prior_after_fit(self, split: Split, progress: bool) -> dict[str, Any] | None:
+        c = self.config
+        if not (c.collab_prior_grid and len(split.valid)):
+            return None
+        return self.choose_prior(split.valid, [c.collab_prior, *c.collab_prior_grid], c.prior_valid_users,
+                                 seed=c.seed, progress=progress)
 
     def choose_prior(self, valid: EvalSet, weights: Sequence[float], n_users: int = 0,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, progress: bool = False) -> dict[str, Any]:
         """Set :attr:`prior_weight` to the weight of ``weights`` with the best NDCG@10 of beam search
         on ``n_users`` users sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all;
         ties go to the smaller weight). Returns ``{"weights", "valid_ndcg@10", "chosen", "valid_users",
@@ -515,13 +424,12 @@ class SemanticIDRec(Recommender):
         its logits (SASRec at temperature 1 / w)."""
         self._check_fitted()
         assert self.net is not None
-        old = self._set_threads()
         self.net.eval()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         item_chunk = 4096
         user_chunk = max(1, min(self.config.eval_batch_size, 32768 // min(item_chunk, self.n_items)))
         codes = self._codes_t  # (N, L)
-        try:
+        with num_threads(self.config.num_threads, self.device):
             with torch.no_grad():
                 for s in range(0, len(histories), user_chunk):
                     batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + user_chunk]]
@@ -539,8 +447,6 @@ class SemanticIDRec(Recommender):
                                                mem_mask[:, None, :].expand(B, G, -1), fused)  # (B, G, L, Vmax)
                         ll = logp.gather(-1, tgt[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)
                         out[s : s + B, i0 : i0 + G] += ll.float().cpu().numpy()
-        finally:
-            torch.set_num_threads(old)
         return out
 
     def recommend(self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True,
@@ -553,10 +459,9 @@ class SemanticIDRec(Recommender):
         assert self.net is not None and self.trie is not None
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        old = self._set_threads()
         self.net.eval()
         ids_out, sc_out = [], []
-        try:
+        with num_threads(self.config.num_threads, self.device):
             with torch.no_grad():
                 for s in range(0, len(histories), batch_size):
                     batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + batch_size]]
@@ -576,8 +481,6 @@ class SemanticIDRec(Recommender):
                     sc[ids < 0] = -np.inf
                     ids_out.append(ids)
                     sc_out.append(sc)
-        finally:
-            torch.set_num_threads(old)
         if not ids_out:
             return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
         return np.concatenate(ids_out), np.concatenate(sc_out)
@@ -613,3 +516,83 @@ class SemanticIDRec(Recommender):
         state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("net.")}
         self.net.load_state_dict(state, strict=True)
         self.net.eval()
+
+
+class _GeneratorTask(TrainTask):
+    """The generator's training for the shared loop: the last ``max_len + 1`` items of each training
+    sequence (every position predicts the next item's codes), length-bucketed batches drawn from one
+    seeded numpy stream (which first samples the validation users), gradient clipping at 1."""
+
+    name = "semantic-id"
+
+    def __init__(self, model: SemanticIDRec, split: Split, progress: bool) -> None:
+        c = model.config
+        assert model.net is not None
+        self.model, self.module, self.split = model, model.net, split
+        L = c.max_len
+        users = [u for u, s in enumerate(split.train) if len(s) >= 2]
+        seqs = [np.asarray(split.train[u], dtype=np.int64) for u in users]
+        self.inputs = left_pad([s[-(L + 1):-1] for s in seqs], L)  # (R, L)
+        self.targets = left_pad([s[-L:] for s in seqs], L)  # (R, L)
+        self.lengths = (self.inputs >= 0).sum(1)
+        # (R, L, d) SASRec states aligned with the inputs: of the training sequence up to each input item
+        self.states = None if not c.collab_states else \
+            model._history_states([s[:-1] for s in seqs], L).cpu().numpy()
+        t0 = time.perf_counter()
+        self.int_ids, self.phrase_table = None, None
+        if c.use_interests:
+            self.int_ids, self.phrase_table = model._training_interests(seqs, progress)
+        self.data_rng = np.random.default_rng(c.seed)
+        self.valid = split.valid.sample(c.valid_users, self.data_rng)
+        if c.use_interests and isinstance(model.extractor, CachedExtractor) and len(self.valid):
+            model.interests_of(self.valid.histories, progress=progress)  # LLM interests, ahead of the clock
+        self.interest_seconds = time.perf_counter() - t0
+
+    def train_config(self) -> TrainConfig:
+        """Epoch unit; warm-up and cosine decay (to 10%) given in epochs, constant without decay; the
+        budget counts from the first step; dropout seeded once with ``seed + 1``."""
+        c = self.model.config
+        return TrainConfig(unit="epoch", max_epochs=c.max_epochs, max_minutes=c.max_minutes, clock="loop",
+                           eval_every=c.eval_every, patience=c.patience, min_rounds=c.min_epochs,
+                           weight_decay=c.weight_decay, schedule="cosine" if c.decay_epochs > 0 else "constant",
+                           schedule_unit="epoch", warmup_steps=c.warmup_epochs, schedule_steps=c.decay_epochs,
+                           clip_norm=1.0, rng="stream", seed=c.seed + 1)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.module.parameters()), "lr": self.model.config.lr}]
+
+    def n_batches(self) -> int:
+        return -(-len(self.inputs) // self.model.config.batch_size)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        return length_batches(self.lengths, self.model.config.batch_size, self.data_rng)
+
+    def loss(self, idx: np.ndarray) -> tuple[torch.Tensor, float]:
+        m, dev = self.model, self.model.device
+        w = int(self.lengths[idx].max())
+        x = torch.from_numpy(self.inputs[idx, -w:]).to(dev)  # (b, w)
+        y = torch.from_numpy(self.targets[idx, -w:]).to(dev)  # (b, w)
+        pad, has_t = x < 0, y >= 0
+        interests = None
+        if self.int_ids is not None and self.phrase_table is not None:
+            pid = torch.from_numpy(self.int_ids[idx, -w:]).to(dev)  # (b, w, P)
+            interests = (self.phrase_table[pid.clamp(min=0)], pid >= 0)  # (b, w, P, E), (b, w, P)
+        st = None if self.states is None else torch.from_numpy(self.states[idx, -w:]).to(dev)  # (b, w, d)
+        _, loss = self.module(m._codes_t[x.clamp(min=0)], pad, m._codes_t[y.clamp(min=0)], has_t, interests, x, st)
+        return loss, float(has_t.sum())
+
+    def has_validation(self) -> bool:
+        return len(self.valid) > 0
+
+    def validate(self) -> float:
+        ranked, _ = self.model.recommend(self.valid.histories, k=10, batch_size=self.model.config.eval_batch_size)
+        return mean_ndcg(ranked, self.valid.targets)
+
+    def resume_key(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in asdict(self.model.config).items() if k not in RESUME_FREE}
+        return {"config": cfg, "data": split_digest(self.split)}
+
+
+# Config keys that may differ between an interrupted fit and its resumption (they do not change training).
+RESUME_FREE = frozenset({"max_minutes", "num_threads", "device", "eval_batch_size", "collab_prior_grid",
+                         "prior_valid_users", "beam_size", "recommend_mode", "llm_batch_size"})

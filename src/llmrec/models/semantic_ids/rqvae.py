@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
 
@@ -159,6 +160,7 @@ def train_rqvae(emb: np.ndarray, cfg: RQVAEConfig, progress: bool = False) -> tu
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     usage = torch.zeros(cfg.levels, cfg.codebook_size)
     losses = []
+    bar = tqdm(total=cfg.steps, desc="rq-vae", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
         _, loss, _recon, codes = model(x[idx])
@@ -172,6 +174,9 @@ def train_rqvae(emb: np.ndarray, cfg: RQVAEConfig, progress: bool = False) -> tu
             usage.zero_()
         if step % max(1, cfg.steps // 20) == 0:
             losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
     model.eval()
     with torch.no_grad():
         _, loss1, recon1, raw = model(x)

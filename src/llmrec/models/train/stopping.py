@@ -1,32 +1,11 @@
-"""Training helpers shared by the trained models: early stopping (SASRec, semantic-ID, item-token
-LM) and the warm-up + decay learning-rate schedule (semantic-ID, item-token LM).
-
-A model validates every so often ("round": an epoch or an optimizer step, the caller decides),
-feeds the score to :meth:`EarlyStopping.update`, and asks :meth:`EarlyStopping.should_stop`.
-The helper keeps the best score, where it happened, a copy of the best weights, and how many
-validations in a row failed to improve on it. Higher scores are better (NDCG@10).
-"""
+"""Early stopping: the best validation score so far, where it happened, a snapshot of the best
+weights, and how many validations in a row failed to improve on it. Higher is better (NDCG@10)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-
-def lr_factor(step: int, total: float, warmup: float, schedule: Literal["cosine", "linear", "constant"]) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear warm-up
-    over ``warmup`` steps, then ``schedule`` until step ``total`` (cosine ends at 10%, linear at 0)
-    and flat after it; ``constant`` (or ``total <= warmup``) stays at 1 after the warm-up."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 10%
+from typing import Any
 
 
 @dataclass
@@ -34,7 +13,7 @@ class EarlyStopping:
     """Best-so-far tracking with patience.
 
     ``patience``: validations in a row without improvement that stop training; ``min_rounds``:
-    training never stops by patience before this round (noisy first epochs).
+    training never stops by patience before this round (an epoch or a step: the loop's unit).
     """
 
     patience: int
