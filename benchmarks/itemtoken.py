@@ -132,7 +132,7 @@ def part_loo(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int, n_laten
              from_saved: bool = False, tag: str = "loo", dataset: str = DATASET) -> dict[str, Any]:
     from llmrec.data.splits import leave_one_out
     from llmrec.eval.protocol import evaluate_full, evaluate_lists
-    from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig
+    from llmrec.models.itemtoken import ItemTokenLM, ItemTokenLMConfig
 
     split = leave_one_out(ds.sequences, ds.n_items).with_catalog(ds.catalog())
     saved, fit_file = workdir / f"itemtoken-{tag}", workdir / f"itemtoken-{tag}-fit.json"
@@ -201,7 +201,7 @@ def part_next10(ds: Any, params: dict[str, Any], workdir: Path, n_gen: int) -> d
     from llmrec.eval.protocol import evaluate_full, evaluate_lists
     from llmrec.models.collab import default_cache_dir, fit_sasrec
     from llmrec.models.itemknn import ItemKNN, ItemKNNConfig
-    from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig
+    from llmrec.models.itemtoken import ItemTokenLM, ItemTokenLMConfig
     from llmrec.models.sasrec import SASRecConfig
 
     split = ratio(ds.sequences, ds.n_items, valid_frac=0.1, test_frac=0.2).with_catalog(ds.catalog())

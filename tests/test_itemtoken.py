@@ -19,9 +19,10 @@ from llmrec.data.dataset import Catalog
 from llmrec.data.splits import Feedback, Split, leave_one_out
 from llmrec.eval.protocol import evaluate_full, evaluate_lists
 from llmrec.models.llm.backbone import load_backbone, tiny_tokenizer
-from llmrec.models.llm.decoding import ItemTrie, constrained_beam_search, single_token_trie
-from llmrec.models.llm.itemtoken import ItemTokenLM, ItemTokenLMConfig, latest_states, title_rows
-from llmrec.models.llm.prompts import IGNORE, PromptBuilder, item_token, training_example
+from llmrec.models.itemtoken.decoding import ItemTrie, constrained_beam_search, single_token_trie
+from llmrec.models.itemtoken import ItemTokenLM, ItemTokenLMConfig
+from llmrec.models.itemtoken.net import latest_states, title_rows
+from llmrec.models.itemtoken.prompts import IGNORE, PromptBuilder, item_token, training_example
 
 N_ITEMS = 20
 TINY = {"backbone": "random-tiny-llama", "template": "plain", "title_tokens": 2, "max_prompt_tokens": 128,
@@ -399,7 +400,7 @@ def test_eager_attention_and_bf16_backbone_match_the_default(split: Split) -> No
 
 
 def test_batched_beam_search_equals_one_user_at_a_time(trained: ItemTokenLM, split: Split) -> None:
-    from llmrec.models.llm.decoding import constrained_beam_search_batch
+    from llmrec.models.itemtoken.decoding import constrained_beam_search_batch
 
     net = trained.net
     trie = single_token_trie(N_ITEMS, net.n_base)  # type: ignore[union-attr]

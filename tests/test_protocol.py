@@ -52,7 +52,7 @@ class LookupModel(Recommender):
         self.table = {k: np.asarray(v, dtype=np.float32) for k, v in (table or {}).items()}
         self.calls = 0
 
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         return {}
 
     def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:

@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from llmrec.eval.protocol import EvalResult, evaluate_full, evaluate_sampled
 from llmrec.eval.report import write_metrics_json
 from llmrec.models.base import Recommender
 from llmrec.models.registry import build_model, model_class
+from llmrec.models.train import Checkpoint, is_main_process
 
 
 @dataclass
@@ -130,8 +130,18 @@ def _with_seed(model_name: str, params: dict[str, Any], seed: int) -> dict[str, 
     return params
 
 
+def partial_dir(out: Path) -> Path:
+    """The folder of a run still being trained into ``out``: its checkpoints, curves and TensorBoard
+    events. Running the same ``train`` command again resumes from its checkpoint; when training is
+    complete the model and ``run.json`` are written into it and it is renamed to ``out``."""
+    return out.parent / f".{out.name}.partial"
+
+
 def train(cfg: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Fit the configured model and write a run directory at ``out``; returns ``run.json``."""
+    """Fit the configured model and write a run directory at ``out``; returns ``run.json``.
+
+    Under a multi-process launch (``accelerate launch``, ``torchrun``) every process trains and only
+    the main one writes the run directory."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise LlmrecError(f"{out}: run directory already exists (use --force to replace it)")
@@ -140,35 +150,55 @@ def train(cfg: RunConfig, out: str | Path, overwrite: bool = False, progress: bo
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, params, ds.n_items)
     split = make_split(ds, cfg.split, feedback=model.wants_feedback)
+    work = partial_dir(out)
+    main = is_main_process()
+    if main:
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LlmrecError(f"{out}: cannot create the run folder ({e.strerror})") from None
     t0 = time.perf_counter()
-    fit_info = model.fit(split, progress=progress)
+    fit_info = model.fit(split, progress=progress, workdir=work)
     train_seconds = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save(tmp / "model")
-        resolved = asdict(cfg)
-        resolved["model"]["params"] = asdict(model.config)
-        record = {
-            "config": resolved,
-            "dataset": {"path": str(Path(cfg.dataset).resolve()), "fingerprint": ds.fingerprint,
-                        "users": ds.n_users, "items": ds.n_items},
-            "split": {"kind": split.name, "train_users": len(split.train), "valid_users": len(split.valid),
-                      "test_users": len(split.test), **split.params},
-            "seed": cfg.seed,
-            "git_commit": git_commit(),
-            "fit": fit_info,
-            "train_seconds": train_seconds,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    resolved = asdict(cfg)
+    resolved["model"]["params"] = asdict(model.config)
+    record = {
+        "config": resolved,
+        "dataset": {"path": str(Path(cfg.dataset).resolve()), "fingerprint": ds.fingerprint,
+                    "users": ds.n_users, "items": ds.n_items},
+        "split": {"kind": split.name, "train_users": len(split.train), "valid_users": len(split.valid),
+                  "test_users": len(split.test), **split.params},
+        "seed": cfg.seed,
+        "git_commit": git_commit(),
+        "fit": fit_info,
+        "train_seconds": train_seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if main:
+        _finish_run(model, record, work, out)
     return record
+
+
+def _finish_run(model: Recommender, record: dict[str, Any], work: Path, out: Path) -> None:
+    """Save the model and ``run.json`` into the finished run's folder ``work``, drop its checkpoint,
+    and move it to ``out`` (an older run there is replaced only once the new one is complete)."""
+    for name in ("model", "run.json"):
+        target = work / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    model.save(work / "model")
+    tmp = work / "run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(work / "run.json")
+    Checkpoint(work, {}).remove()
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

@@ -105,9 +105,11 @@ class Recommender(ABC):
         return False
 
     @abstractmethod
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         """Train on ``split.train`` (``split.valid`` may be used for early stopping, never ``test``).
 
+        ``workdir``: the folder of the run being trained; trained models keep their checkpoints
+        (and resume from them), training curves and TensorBoard events there.
         Returns a dict of training facts (epochs, best validation metric, ...).
         """
 

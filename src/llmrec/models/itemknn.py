@@ -12,6 +12,8 @@ history scores ``sum_t decay^(age_t) * S[item_t]`` over its last ``max_history``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -76,7 +78,7 @@ class ItemKNN(Recommender):
         super().__init__(config, n_items)
         self.sim = sp.csr_matrix((n_items, n_items), dtype=np.float32)
 
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         cfg, n = self.config, self.n_items
         seqs = [np.asarray(s, dtype=np.int64) for s in split.train if len(s)]
         # Co-occurrence cosine over the binary user x item matrix.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +31,7 @@ class Popularity(Recommender):
         super().__init__(config, n_items)
         self.counts = np.zeros(n_items, dtype=np.float32)
 
-    def fit(self, split: Split, progress: bool = True) -> dict[str, Any]:
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         k = self.config.recent_only
         seqs = [s[-k:] if k > 0 else s for s in split.train]
         items = np.concatenate(seqs + [np.empty(0, np.int64)])

@@ -7,7 +7,7 @@ from typing import Any
 from llmrec.config import ConfigError, from_dict
 from llmrec.models.base import Recommender
 from llmrec.models.itemknn import ItemKNN
-from llmrec.models.llm.itemtoken import ItemTokenLM
+from llmrec.models.itemtoken import ItemTokenLM
 from llmrec.models.popularity import Popularity
 from llmrec.models.sasrec import SASRec
 from llmrec.models.semantic_ids import SemanticIDRec

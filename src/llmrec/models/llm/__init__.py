@@ -1,1 +1,1 @@
-"""Language-model recommenders: backbone loading, prompts, constrained decoding, item-token LM."""
+"""Language-model building blocks shared by the LLM families: backbone loading (any HF causal LM; SmolLM2 offline)."""

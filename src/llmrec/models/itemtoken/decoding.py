@@ -1,7 +1,7 @@
 """Decoding item lists from an item-token LM: constrained beam search, unconstrained greedy.
 
 Both decoders take a network with the small interface of
-:class:`llmrec.models.llm.itemtoken.ItemTokenNet`:
+:class:`llmrec.models.itemtoken.net.ItemTokenNet`:
 
 - ``net.hidden(ids (B, L), past_key_values=None, use_cache=False, attention_mask=None,
   position_ids=None) -> (hidden (B, L, H), cache)``
