@@ -6,7 +6,10 @@ N), so a trained sequential model must predict the next item of the cycle.
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +70,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def write_cycle_source(folder: Path, n_users: int = 40, seed: int = 0, n_items: int = N_ITEMS) -> Path:
+    """The full cycle sequences (train + validation + test items) as a sequence-format source folder
+    (``sequences.jsonl.gz`` + ``items.jsonl.gz``) for ``llmrec data prepare``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "sequences.jsonl.gz", "wt") as f:
+        for u, s in enumerate(cycle_sequences(n_users, seed, n_items)):
+            f.write(json.dumps({"user_id": f"u{u}", "item_ids": [f"item-{i}" for i in s]}) + "\n")
+    with gzip.open(folder / "items.jsonl.gz", "wt") as f:
+        for i in range(n_items):
+            f.write(json.dumps({"item_id": f"item-{i}", "title": f"Product {i}", "categories": [f"C{i % 4}"]}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cycle_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared dataset directory of the cycle sequences (40 users, 20 items, titles)."""
+    from llmrec.cli import main
+
+    root = tmp_path_factory.mktemp("cycle")
+    out = root / "ds"
+    assert main(["data", "prepare", str(write_cycle_source(root / "src")), str(out), "--quiet"]) == 0
+    return out

@@ -128,6 +128,7 @@ def _print_stats(path: Path) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from llmrec.models.train import is_main_process
     from llmrec.runs import load_run_config, train
 
     overrides = list(args.overrides)
@@ -139,8 +140,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"seed={args.seed}")
     cfg = load_run_config(args.config, overrides)
     record = train(cfg, args.out, overwrite=args.force, progress=not args.quiet)
-    print(f"trained {cfg.model.name} in {record['train_seconds']:.1f}s -> {args.out}")
-    print(json.dumps(record["fit"], default=str))
+    if is_main_process():  # under accelerate launch / torchrun the other processes stay quiet
+        print(f"trained {cfg.model.name} in {record['train_seconds']:.1f}s -> {args.out}")
+        print(json.dumps(record["fit"], default=str))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

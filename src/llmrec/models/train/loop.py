@@ -312,7 +312,8 @@ class _Loop:
                 if out_of_time or capped:
                     break
             e = epoch + 1
-            record = {"epoch": float(e), "loss": r.epoch_sum / max(r.epoch_n, 1), "step": r["step"]}
+            loss_sum, loss_n = self.procs.total([r.epoch_sum, r.epoch_n])
+            record = {"epoch": float(e), "loss": loss_sum / max(loss_n, 1), "step": r["step"]}
             if self.has_valid and (e % cfg.eval_every == 0 or out_of_time or capped or e == cfg.max_epochs):
                 record["valid_ndcg@10"] = self.validate(e)
             record["seconds"] = self.elapsed()
@@ -388,7 +389,8 @@ class _Loop:
         self.task.module.eval()
         r["stopped"] = stopped
         self.save()
-        self.curves.close()
+        best = f", best validation NDCG@10 {r.stopper.best:.4f} at {cfg.unit} {r.stopper.best_at}" if self.has_valid else ""
+        self.curves.close(f"stopped by {stopped} after {r['step']} steps{best}")
         return {
             "steps": r["step"], "epochs": r["epoch"], "steps_per_epoch": self.steps_per_epoch,
             "best_valid_ndcg@10": r.stopper.best if self.has_valid else float("nan"),

@@ -108,6 +108,8 @@ class Curves:
                 axes[1, col].plot([v[idx] for v in self.valid], [v[2] for v in self.valid], "o-", color="tab:green")
                 best = max(self.valid, key=lambda v: v[2])
                 axes[1, col].axhline(best[2], color="tab:green", ls=":", lw=1)
+                axes[1, col].plot([best[idx]], [best[2]], "*", color="tab:red", ms=12, label="best (restored)")
+                axes[1, col].legend(loc="lower right", fontsize=8)
             axes[0, col].set_ylabel("training loss")
             axes[1, col].set_ylabel("validation NDCG@10")
             axes[1, col].set_xlabel(label)
@@ -122,14 +124,18 @@ class Curves:
         self._last_plot = time.monotonic()
         return path
 
-    def close(self) -> None:
+    def close(self, summary: str = "") -> None:
+        """Write the final plot (``summary``, e.g. the stop reason, joins its title) and the events."""
+        if summary:
+            self.title = f"{self.title}: {summary}"
         self.plot()
         if self._tb is not None:
             self._tb.close()
 
 
-def _smooth(values: list[float], alpha: float = 0.05) -> list[float]:
-    """Exponential moving average (bias-corrected) of a loss curve."""
+def _smooth(values: list[float]) -> list[float]:
+    """Exponential moving average (bias-corrected) of a loss curve, over about a tenth of its length."""
+    alpha = min(0.5, max(0.01, 10.0 / max(1, len(values))))
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = (1 - alpha) * avg + alpha * v

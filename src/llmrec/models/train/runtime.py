@@ -76,6 +76,12 @@ class Processes:
 
         return broadcast_object_list([value], from_process=0)[0]
 
+    def total(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes (the epoch's loss sums)."""
+        if self.world == 1:
+            return values
+        return [float(v) for v in self.acc.reduce(torch.tensor(values, dtype=torch.float64), reduction="sum")]
+
     def barrier(self) -> None:
         if self.world > 1:
             self.acc.wait_for_everyone()
