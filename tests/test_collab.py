@@ -13,10 +13,15 @@ from hypothesis.extra.numpy import arrays
 
 from llmrec.data.splits import Split, leave_one_out
 from llmrec.models.collab import (
+    CompanionKeys,
+    choose_prior,
     choose_weight,
+    fit_key,
+    fit_sasrec,
     fit_width,
     prefix_states,
     sasrec_item_vectors,
+    set_prior,
     split_key,
     unit_rms_rows,
 )
@@ -126,3 +131,58 @@ def test_choose_weight_sorts_distinct_weights_and_takes_the_smallest_best() -> N
     for bad in ([], [1.0, -0.5]):
         with pytest.raises(ValueError, match="prior weights"):
             choose_weight(bad, ndcg_at)
+
+
+def test_choose_weight_widens_while_the_best_is_the_largest() -> None:
+    curve = {0.0: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.4, 8.0: 0.35, 16.0: 0.5}
+    ws, scores, chosen = choose_weight([0, 1, 2], curve.__getitem__, widen=3)
+    assert ws == [0.0, 1.0, 2.0, 4.0, 8.0] and chosen == 4.0  # stops once the top is no longer best
+    assert choose_weight([0, 1, 2], curve.__getitem__, widen=1)[0] == [0.0, 1.0, 2.0, 4.0]  # at most `widen`
+    assert choose_weight([0, 1, 2], curve.__getitem__)[0] == [0.0, 1.0, 2.0]  # widen=0: the grid as given
+    assert choose_weight([0.0], curve.__getitem__, widen=3)[0] == [0.0]  # weight 0 cannot be doubled
+
+
+def test_choose_prior_takes_the_companion_alone_only_when_it_beats_every_mix() -> None:
+    keys = CompanionKeys(collab_prior_grid=[1.0, 2.0], prior_widen=0)
+    curve = {0.0: 0.1, 1.0: 0.3, 2.0: 0.2}
+    pick = choose_prior(keys, curve.__getitem__, lambda: 0.25)
+    assert (pick["chosen"], pick["alone"], pick["companion_alone_ndcg@10"]) == (1.0, False, 0.25)
+    assert choose_prior(keys, curve.__getitem__, lambda: 0.3)["alone"] is False  # a tie keeps the mix
+    assert choose_prior(keys, curve.__getitem__, lambda: 0.31)["alone"] is True
+    off = CompanionKeys(collab_prior_grid=[1.0, 2.0], prior_alone=False)
+    assert choose_prior(off, curve.__getitem__, lambda: 0.9)["alone"] is False
+    with pytest.raises(ValueError, match="prior_widen"):
+        CompanionKeys(prior_widen=-1).check_companion()
+
+
+def test_set_prior_checks_the_model_and_the_value() -> None:
+    class WithCompanion:
+        name, collab_model, prior_weight, prior_alone = "x", object(), 1.0, False
+
+    m = WithCompanion()
+    set_prior(m, "0")
+    assert (m.prior_weight, m.prior_alone) == (0.0, False)
+    set_prior(m, "alone")
+    assert m.prior_alone
+    for bad in ("-1", "abc", "inf", "nan"):
+        with pytest.raises(ValueError, match="prior weight"):
+            set_prior(m, bad)
+    with pytest.raises(ValueError, match="no SASRec companion"):
+        set_prior(SASRec(CFG, 8), 1.0)
+
+
+def test_cache_key_ignores_a_budget_that_did_not_bind(tmp_path: Path) -> None:
+    split = cycle()
+    cfg = dataclasses.replace(CFG, max_epochs=3)
+    _, info = fit_sasrec(split, cfg, cache_dir=tmp_path)
+    assert info["stopped"] == "max_epochs" and not info["cached"]
+    # another budget, threads or scoring batch: the same fitted model, found in the cache
+    other = dataclasses.replace(cfg, max_minutes=cfg.max_minutes + 5, num_threads=2, eval_batch_size=3)
+    assert fit_key(split, other) == fit_key(split, cfg) and split_key(split, other) != split_key(split, cfg)
+    assert fit_sasrec(split, other, cache_dir=tmp_path)[1]["cached"]
+    # a fit that its budget stopped is only reused under that same budget
+    bound = dataclasses.replace(cfg, max_epochs=500, max_minutes=1e-4)
+    _, info = fit_sasrec(split, bound, cache_dir=tmp_path)
+    assert info["stopped"] == "max_minutes"
+    assert fit_sasrec(split, bound, cache_dir=tmp_path)[1]["cached"]
+    assert not fit_sasrec(split, dataclasses.replace(bound, max_minutes=2e-4), cache_dir=tmp_path)[1]["cached"]

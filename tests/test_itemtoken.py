@@ -602,7 +602,8 @@ def test_collab_logits_add_sasrec_logits_everywhere(split: Split, tmp_path: Path
 def test_collab_prior_is_chosen_on_validation_and_reranks(split: Split, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="collab_prior"):
         ItemTokenLMConfig(**{**TINY, "collab_prior_grid": [1.0, -0.5]})  # type: ignore[arg-type]
-    cfg = {**TINY, "collab_prior_grid": [0.5, 2.0, 1e4], "collab_minutes": 0.2, "collab_cache": False, "epochs": 1}
+    cfg = {**TINY, "collab_prior_grid": [0.5, 2.0, 1e4], "collab_minutes": 0.2, "collab_cache": False, "epochs": 1,
+           "prior_widen": 0, "prior_alone": False}  # the grid as given (the choice before widening existed)
     model = ItemTokenLM(ItemTokenLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
     info = model.fit(split, progress=False)["collab_prior"]
     sas = model.collab_model
@@ -645,3 +646,38 @@ def test_epoch_examples_are_built_once_unless_sampled(split: Split, monkeypatch:
     model.fit(split, progress=False)
     # the same cut points every epoch: built once; cut points sampled per epoch: built for each epoch
     assert built_for == ([0] if per_user == 0 else [0, 1, 2])
+
+
+def test_evaluate_at_another_prior_weight_from_the_cli(cycle_dataset: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from llmrec.cli import main
+    from llmrec.runs import evaluate_run, load_run
+
+    run = tmp_path / "run"
+    params = {**TINY, "epochs": 1, "collab_state": "items", "collab_prior_grid": [1.0, 4.0], "collab_minutes": 0.2,
+              "collab_cache": False}
+    args = ["train", "--model", "itemtoken-lm", "--dataset", str(cycle_dataset), "--out", str(run), "--quiet"]
+    assert main(args + [a for k, v in params.items() for a in ("--set", f"model.params.{k}={json.dumps(v)}")]) == 0
+    pick = json.loads((run / "run.json").read_text())["fit"]["collab_prior"]
+    assert set(pick) >= {"weights", "valid_ndcg@10", "chosen", "companion_alone_ndcg@10", "alone"}
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    chosen = json.loads((run / "metrics.json").read_text())
+    for weight in ("0", "alone"):
+        assert main(["evaluate", str(run), "--quiet", "--prior-weight", weight]) == 0
+        other = json.loads((run / f"metrics.prior-{weight}.json").read_text())
+        assert other["extra"]["prior_weight"] == weight
+    assert json.loads((run / "metrics.json").read_text()) == chosen  # never overwritten
+    loaded = load_run(run)
+    sas = loaded.model.collab_model
+    ranked, _ = sas.recommend(loaded.split.test.histories, k=10)  # type: ignore[union-attr]
+    from llmrec.eval.metrics import mean_ndcg
+
+    alone = json.loads((run / "metrics.prior-alone.json").read_text())["overall"]["ndcg@10"]
+    assert alone == pytest.approx(mean_ndcg(ranked, loaded.split.test.targets), abs=1e-9)
+    lm_alone = evaluate_run(load_run(run), write=False, progress=False, prior_weight=0.0).overall["ndcg@10"]
+    assert json.loads((run / "metrics.prior-0.json").read_text())["overall"]["ndcg@10"] == pytest.approx(lm_alone)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--quiet", "--prior-weight", "-1"]) == 2
+    assert "prior weight" in capsys.readouterr().err

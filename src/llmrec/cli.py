@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=["uniform", "popularity"], default=None)
     p.add_argument("--ks", default=None, help="comma-separated cut-offs, e.g. 5,10,20")
     p.add_argument("--include-seen", action="store_true", help="do not exclude history items from the ranking")
+    p.add_argument("--prior-weight", default=None, metavar="W",
+                   help="LLM models with a SASRec companion: score at prior weight W instead of the one chosen "
+                        "on validation (0 = the LLM alone; 'alone' = the companion alone); "
+                        "writes metrics.prior-W.json")
     _add_quiet(p)
 
     p = sub.add_parser("recommend", help="top-K next products for users of the run's dataset")
@@ -163,8 +167,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         if args.include_seen:
             changes["exclude_seen"] = False
         ecfg = dataclasses.replace(ecfg, **changes)
-        result = evaluate_run(run, ecfg, progress=not args.quiet)
+        result = evaluate_run(run, ecfg, progress=not args.quiet, prior_weight=args.prior_weight)
         label = f"{run.config.model.name} (seed {run.config.seed})"
+        if args.prior_weight is not None:
+            label += f", prior {args.prior_weight}"
         rows[label] = result.overall
         by_model.setdefault(run.config.model.name, []).append(result.overall)
         protocol = result.protocol

@@ -26,6 +26,7 @@ from llmrec.errors import LlmrecError
 from llmrec.eval.protocol import EvalResult, evaluate_full, evaluate_sampled
 from llmrec.eval.report import write_metrics_json
 from llmrec.models.base import Recommender
+from llmrec.models.collab import set_prior
 from llmrec.models.registry import build_model, model_class
 from llmrec.models.train import Checkpoint, is_main_process
 
@@ -232,10 +233,22 @@ def load_run(path: str | Path, dataset: str | Path | None = None) -> LoadedRun:
 
 
 def evaluate_run(
-    run: LoadedRun, ecfg: EvalConfig | None = None, progress: bool = True, write: bool = True
+    run: LoadedRun, ecfg: EvalConfig | None = None, progress: bool = True, write: bool = True,
+    prior_weight: str | float | None = None,
 ) -> EvalResult:
-    """Evaluate a loaded run (on test by default) and write ``metrics.json`` beside it."""
+    """Evaluate a loaded run (on test by default) and write ``metrics.json`` beside it.
+
+    ``prior_weight``: score an LLM model at another weight of its SASRec companion (a number >= 0, 0 =
+    the LLM alone, or ``"alone"``: the companion alone) instead of the weight chosen on validation; the
+    figures then go to ``metrics.prior-<weight>.json``, never over ``metrics.json``."""
     ecfg = ecfg or run.config.eval
+    name = "metrics.json"
+    if prior_weight is not None:
+        try:
+            set_prior(run.model, prior_weight)
+        except ValueError as e:
+            raise LlmrecError(f"{run.path}: --prior-weight: {e}") from None
+        name = f"metrics.prior-{prior_weight}.json"
     evalset: EvalSet = run.split.test if ecfg.on == "test" else run.split.valid
     if len(evalset) == 0:
         raise LlmrecError(f"{run.path}: the {ecfg.on} set of this split is empty")
@@ -246,9 +259,10 @@ def evaluate_run(
         result = evaluate_sampled(run.model, evalset, n_negatives=ecfg.n_negatives, strategy=ecfg.sampling,
                                   item_counts=counts, ks=ecfg.ks, seed=run.config.seed)
     if write:
-        write_metrics_json(run.path / "metrics.json", result, {
+        write_metrics_json(run.path / name, result, {
             "run": str(run.path), "model": run.config.model.name, "seed": run.config.seed, "on": ecfg.on,
             "exclude_seen": ecfg.exclude_seen, "dataset_fingerprint": run.dataset.fingerprint,
+            "prior_weight": prior_weight,
         })
     return result
 

@@ -4,6 +4,12 @@ Other model families start from them where text alone lacks co-purchase signal (
 representations of LLaRA / E4SRec / ETEGRec / LETTER): the item-token LM initializes the low-rank
 part of its item rows with them, the semantic-ID model can quantize text and collaborative vectors
 together. SASRec reads ``split.train`` and early-stops on ``split.valid``; ``split.test`` is never read.
+
+The *companion* (this SASRec as the LLM families share it) is written once here: its config keys
+(:class:`CompanionKeys`, which the families' configs extend), its fit and disk cache
+(:func:`fit_companion`), the choice of its prior weight on validation (:func:`choose_prior`), packing
+it into a saved model (:func:`pack_frozen` / :func:`unpack_frozen`) and changing the weight of a
+saved model (:func:`set_prior`, behind ``llmrec evaluate --prior-weight``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,49 +29,116 @@ import numpy as np
 
 from llmrec.data.splits import Split, hash_split_into
 from llmrec.models.sasrec import SASRec, SASRecConfig
+from llmrec.models.train import is_main_process
 
 
 def default_cache_dir() -> Path:
     """``$LLMREC_CACHE/collab`` (default ``~/.cache/llmrec/collab``)."""
-    from llmrec.models.semantic_ids.embed import cache_root
+    from llmrec.cache import cache_root
 
     return cache_root() / "collab"
 
 
+# SASRec config keys that cannot change the fitted model unless the budget binds (see fit_key)
+_FIT_FREE = ("max_minutes", "num_threads", "device", "eval_batch_size")
+
+
+@dataclass
+class CompanionKeys:
+    """Config keys of the SASRec companion; the LLM families' configs extend this (and may give other
+    defaults). ``prior_widen`` and ``prior_alone`` 0 / False keep the choice of the releases before them."""
+
+    collab_minutes: float = 10.0  # the companion's training budget (before the family's own; counted in train time)
+    collab_cache: bool = True  # reuse a companion fitted earlier on the same split and config
+    # SASRec as a prior at inference (a product of experts; 0 = the family alone). With a grid, fit picks the
+    # weight among {collab_prior} + the grid by NDCG@10 on prior_valid_users validation users (0 = all; never test)
+    collab_prior: float = 0.0
+    collab_prior_grid: list[float] = field(default_factory=list)
+    prior_valid_users: int = 0
+    prior_widen: int = 3  # doublings of the grid's top weight tried while the best weight is the largest one
+    prior_alone: bool = True  # the companion alone is a candidate too (chosen when no mix beats it)
+
+    def check_companion(self) -> None:
+        if self.collab_minutes <= 0:
+            raise ValueError(f"collab_minutes must be > 0, got {self.collab_minutes}")
+        if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
+            raise ValueError("collab_prior and collab_prior_grid weights must be >= 0")
+        if self.prior_valid_users < 0 or self.prior_widen < 0:
+            raise ValueError("prior_valid_users and prior_widen must be >= 0")
+
+    @property
+    def uses_prior(self) -> bool:
+        """Whether inference may add the SASRec prior (so the fitted SASRec is kept and saved)."""
+        return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
+
+
+def fit_companion(split: Split, keys: CompanionKeys, seed: int, progress: bool = False) -> tuple[SASRec, dict[str, Any]]:
+    """The companion SASRec of a family configured by ``keys`` (cached on disk unless ``collab_cache`` is off)."""
+    return fit_sasrec(split, SASRecConfig(max_minutes=keys.collab_minutes, seed=seed), progress=progress,
+                      cache_dir=default_cache_dir() if keys.collab_cache else None)
+
+
 def split_key(split: Split, config: SASRecConfig) -> str:
-    """sha256 of everything SASRec's fit reads: the config, the training sequences and the
-    validation histories and targets (never the test set)."""
+    """The cache key before :func:`fit_key` (still read): sha256 of the whole config, the training
+    sequences and the validation histories and targets (never the test set)."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     hash_split_into(h, split)
     return h.hexdigest()
 
 
+def fit_key(split: Split, config: SASRecConfig) -> str:
+    """The cache key of what determines a fitted SASRec: the config without its time budget, threads,
+    device and scoring batch (they change nothing unless the budget binds, which the cached entry
+    records), and the split as :func:`split_key` reads it."""
+    free = dict.fromkeys(_FIT_FREE)
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    hash_split_into(h, split)
+    return h.hexdigest()
+
+
+def _load_cached(path: Path, model: SASRec, config: SASRecConfig) -> dict[str, Any] | None:
+    """The info of the cached fit at ``path`` loaded into ``model``, or None (missing, damaged, foreign, or
+    stopped by a time budget other than ``config``'s)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            info = json.loads(str(z["__info__"]))
+            if info.get("stopped") == "max_minutes" and info.get("max_minutes", config.max_minutes) != config.max_minutes:
+                return None  # the budget bound that fit: another budget gives another model
+            model._load_state({k: z[k] for k in z.files if k != "__info__"}, {})
+        return info
+    except (OSError, ValueError, KeyError, RuntimeError):  # damaged or foreign: fit again, overwrite
+        return None
+
+
 def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool = False,
                cache_dir: Path | None = None) -> tuple[SASRec, dict[str, Any]]:
     """A SASRec fitted on ``split`` (early stopping on ``split.valid``) and
-    ``{"seconds", "best_valid_ndcg@10", "best_epoch", "stopped", "cached"}``.
+    ``{"seconds", "best_valid_ndcg@10", "best_epoch", "stopped", "max_minutes", "cached"}``.
 
-    With ``cache_dir`` the fitted weights are stored there under :func:`split_key` (written to a
-    temporary file, then renamed) and a later call on the same split and config loads them
-    (``cached`` True; ``seconds`` stays the original fit's time, so budgets can count it).
+    With ``cache_dir`` the fitted weights are stored there under :func:`fit_key` (written to a temporary
+    file, then renamed) and a later call on the same split and config loads them (``cached`` True;
+    ``seconds`` stays the original fit's time, so budgets can count it). Entries written under the
+    older key (:func:`split_key`, which included the budget) are still found.
     """
     cfg = config or SASRecConfig()
-    path = cache_dir / f"sasrec-{split_key(split, cfg)[:32]}.npz" if cache_dir is not None else None
     model = SASRec(cfg, split.n_items)
-    if path is not None and path.exists():
-        try:
-            with np.load(path) as z:
-                info = json.loads(str(z["__info__"]))
-                model._load_state({k: z[k] for k in z.files if k != "__info__"}, {})
-            return model, {**info, "cached": True}
-        except (OSError, ValueError, KeyError, RuntimeError):  # damaged or foreign: fit again, overwrite
+    if cache_dir is not None:
+        for key in (split_key(split, cfg), fit_key(split, cfg)):
+            info = _load_cached(cache_dir / f"sasrec-{key[:32]}.npz", model, cfg)
+            if info is not None:
+                return model, {**info, "cached": True}
             model = SASRec(cfg, split.n_items)
     t0 = time.perf_counter()
     fit = model.fit(split, progress=progress)
     info = {"seconds": time.perf_counter() - t0, "best_valid_ndcg@10": float(fit["best_valid_ndcg@10"]),
-            "best_epoch": int(fit["best_epoch"]), "stopped": str(fit["stopped"])}
-    if path is not None:
+            "best_epoch": int(fit["best_epoch"]), "stopped": str(fit["stopped"]), "max_minutes": cfg.max_minutes}
+    if cache_dir is not None and is_main_process():
+        path = cache_dir / f"sasrec-{fit_key(split, cfg)[:32]}.npz"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors, _ = model._state()
@@ -164,12 +238,63 @@ def unpack_frozen(tensors: dict[str, np.ndarray], extra: dict[str, Any], n_items
     return model, float(entry["state_scale"])
 
 
-def choose_weight(weights: Sequence[float], ndcg_at: Callable[[float], float]) -> tuple[list[float], list[float], float]:
+def choose_weight(weights: Sequence[float], ndcg_at: Callable[[float], float],
+                  widen: int = 0) -> tuple[list[float], list[float], float]:
     """Pick a SASRec prior weight on validation: the distinct ``weights`` in ascending order (all >= 0, at
     least one), ``ndcg_at(w)`` (validation NDCG@10 at weight w) of each, and the chosen weight, the first
-    maximum (so the smallest weight among ties)."""
+    maximum (so the smallest weight among ties). While the best weight is the largest one tried (and > 0),
+    up to ``widen`` more weights are tried, each twice the largest so far."""
     ws = sorted({float(w) for w in weights})
     if not ws or any(w < 0 for w in ws):
         raise ValueError(f"prior weights must be >= 0 and not empty, got {list(weights)}")
     scores = [float(ndcg_at(w)) for w in ws]
+    for _ in range(widen):
+        if int(np.argmax(scores)) != len(ws) - 1 or ws[-1] <= 0:
+            break
+        ws.append(2.0 * ws[-1])
+        scores.append(float(ndcg_at(ws[-1])))
     return ws, scores, ws[int(np.argmax(scores))]
+
+
+def choose_prior(keys: CompanionKeys, ndcg_at: Callable[[float], float], alone: Callable[[], float],
+                 progress: bool = False) -> dict[str, Any]:
+    """The prior choice of a family configured by ``keys``: every weight of {collab_prior} + grid (widened
+    by ``prior_widen``) scored by ``ndcg_at``, and, with ``prior_alone``, the companion alone (``alone()``,
+    its validation NDCG@10 on the same users), chosen only when it beats every mix. Returns
+    ``{"weights", "valid_ndcg@10", "chosen", "companion_alone_ndcg@10", "alone"}``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(set(keys.collab_prior_grid) | {keys.collab_prior}) + int(keys.prior_alone),
+               desc="prior weight", unit="w", disable=not progress)
+
+    def scored(w: float) -> float:
+        value = ndcg_at(w)
+        bar.set_postfix(w=w, ndcg=f"{value:.4f}")
+        bar.update(1)
+        return value
+
+    try:
+        ws, scores, chosen = choose_weight([keys.collab_prior, *keys.collab_prior_grid], scored, keys.prior_widen)
+        solo = float(alone()) if keys.prior_alone else float("nan")
+        bar.update(int(keys.prior_alone))
+    finally:
+        bar.close()
+    return {"weights": ws, "valid_ndcg@10": scores, "chosen": chosen, "companion_alone_ndcg@10": solo,
+            "alone": bool(keys.prior_alone and solo > max(scores))}
+
+
+def set_prior(model: Any, value: str | float) -> None:
+    """Set a saved LLM model's prior: a weight >= 0 (0 = the LLM alone) or ``"alone"`` (the companion alone).
+    Raises ValueError for a model without a saved companion or a bad value."""
+    if getattr(model, "collab_model", None) is None:
+        raise ValueError(f"{model.name}: this model has no SASRec companion saved with it, so it has no prior weight")
+    if str(value) == "alone":
+        model.prior_alone = True
+        return
+    try:
+        weight = float(value)
+    except ValueError:
+        raise ValueError(f"prior weight must be a number >= 0 or 'alone', got {value!r}") from None
+    if not weight >= 0 or weight == float("inf"):
+        raise ValueError(f"prior weight must be a finite number >= 0 or 'alone', got {value!r}")
+    model.prior_weight, model.prior_alone = weight, False

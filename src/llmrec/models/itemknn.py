@@ -12,10 +12,9 @@ history scores ``sum_t decay^(age_t) * S[item_t]`` over its last ``max_history``
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np

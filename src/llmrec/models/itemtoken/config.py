@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from llmrec.data.splits import Padding
 from llmrec.models.amp import Amp
+from llmrec.models.collab import CompanionKeys
 from llmrec.models.itemtoken.prompts import (
     Template,
 )
@@ -16,7 +17,7 @@ STATE_TOKEN = "<|llmrec_state|>"  # the history-state token of ``collab_state = 
 
 
 @dataclass
-class ItemTokenLMConfig:
+class ItemTokenLMConfig(CompanionKeys):
     """Hyper-parameters of :class:`ItemTokenLM`."""
 
     backbone: str = DEFAULT_BACKBONE  # "smollm2-135m-instruct" (offline), a local folder, or a hub id
@@ -46,7 +47,6 @@ class ItemTokenLMConfig:
     collab_init: Literal["none", "sasrec"] = "none"
     collab_scale: float = 1.0  # mean norm of the initial delta rows relative to the mean title row norm
     collab_minutes: float = 5.0  # SASRec's training budget (outside max_minutes; counted in train time)
-    collab_cache: bool = True  # reuse a SASRec fitted earlier on the same split and config
     # SASRec states in the prompt (a frozen SASRec fitted on the same split; a trainable linear map):
     # "token": its state of the whole history is one token closing the prompt (A-LLMRec-style soft prompt),
     #          seen by the answer positions only;
@@ -57,14 +57,10 @@ class ItemTokenLMConfig:
     # history so far (its state . its item vector), w learned (starts at 1), so the LM learns what to add
     # to SASRec's ranking instead of re-deriving it; training, the fast path and beam search all use it
     collab_logits: bool = False
-    # SASRec as a prior at inference (a product of experts, as the semantic-ID model's collab_prior): every
-    # item logit also gets collab_prior x SASRec's own logits of the whole history (beside what collab_logits
-    # learned), in the fast path and at every beam step; with collab_prior_grid, fit then keeps the weight
-    # of {collab_prior} + grid with the best NDCG@10 on prior_valid_users validation users (0 = all; never
-    # test). Training is unchanged: the prior only re-ranks.
-    collab_prior: float = 0.0
-    collab_prior_grid: list[float] = field(default_factory=list)
-    prior_valid_users: int = 0
+    # SASRec as a prior at inference (collab_prior, collab_prior_grid, prior_valid_users, prior_widen,
+    # prior_alone: the companion's keys, see CompanionKeys): every item logit also gets collab_prior x SASRec's
+    # own logits of the whole history (beside what collab_logits learned), in the fast path and at every beam
+    # step. Training is unchanged: the prior only re-ranks.
     # targets
     target: Literal["next-item", "next-k"] = "next-item"
     next_k: int = 10  # answer length for target="next-k"
@@ -103,7 +99,7 @@ class ItemTokenLMConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "title_tokens", "review_chars", "examples_per_user", "max_steps", "valid_users",
-                     "num_threads", "warmup_steps", "item_rank", "prior_valid_users"):
+                     "num_threads", "warmup_steps", "item_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_prompt_tokens", "max_history", "init_title_tokens", "next_k", "lora_r", "batch_size",
@@ -123,17 +119,12 @@ class ItemTokenLMConfig:
         if self.collab_logits and self.collab_state == "none":
             raise ValueError("collab_logits adds SASRec's logits of the states in the prompt: set collab_state "
                              "to 'items' or 'token'")
-        if self.collab_scale < 0 or self.collab_minutes <= 0:
-            raise ValueError("collab_scale must be >= 0 and collab_minutes > 0")
-        if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
-            raise ValueError("collab_prior and collab_prior_grid weights must be >= 0")
+        if self.collab_scale < 0:
+            raise ValueError("collab_scale must be >= 0")
+        self.check_companion()
 
-    @property
-    def uses_prior(self) -> bool:
-        """Whether inference may add the SASRec prior (so the fitted SASRec is kept and saved)."""
-        return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
 
 
 # Config keys that may differ between an interrupted run and its resumption.
 _RESUME_FREE = {"max_minutes", "checkpoint_dir", "checkpoint_every", "num_threads", "eval_batch_size", "device", "amp",
-                "collab_prior_grid", "prior_valid_users"}
+                "collab_prior_grid", "prior_valid_users", "prior_widen", "prior_alone"}

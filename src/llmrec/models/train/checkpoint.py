@@ -67,6 +67,7 @@ class Checkpoint:
                                                          dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
         """(run position, current weights, best weights or None, random state); the optimizer is
         restored in place. Raises :class:`CheckpointError` naming the folder and the cause."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
@@ -88,7 +89,7 @@ class Checkpoint:
             moments = load_file(str(self.dir / "optim.safetensors"))
             rng_file = self.dir / "rng.safetensors"
             rng = load_file(str(rng_file)) if rng_file.exists() else {}
-        except Exception as e:  # safetensors raises its own error types on damaged files
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # damaged or truncated files
             raise CheckpointError(f"{self.dir}: damaged checkpoint ({e}); delete it to train from scratch") from None
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in moments.items():
