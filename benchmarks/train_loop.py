@@ -52,8 +52,8 @@ def main() -> None:
     md += [f"| {r['run']} | {r['ndcg@10']:.4f} | {r['hit_rate@10']:.4f} | {r['valid_ndcg@10']:.4f} | "
            f"{r['train_seconds']:.0f} | {r['epochs']} | {r['best_epoch']} | {r['stopped']} | {r['peak_rss_mb']:.0f} |"
            for r in rows]
-    md += ["", f"NDCG@10 difference {out['ndcg_delta']:+.4f}; training time ratio {out['time_ratio']:.2f} "
-           "(2-core CPU shared with other work; one torch thread).", ""]
+    md += ["", (f"NDCG@10 difference {out['ndcg_delta']:+.4f}; training time ratio {out['time_ratio']:.2f} "
+                "(2-core CPU shared with other work; one torch thread)."), ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 

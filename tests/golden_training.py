@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import cycle_split  # noqa: E402
+from conftest import cycle_split
 
-from llmrec.models.registry import build_model  # noqa: E402
+from llmrec.models.registry import build_model
 
 GOLDEN = Path(__file__).parent / "golden" / "training.json"
 

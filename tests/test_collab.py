@@ -135,7 +135,7 @@ def test_choose_weight_sorts_distinct_weights_and_takes_the_smallest_best() -> N
 
 def test_choose_weight_widens_while_the_best_is_the_largest() -> None:
     curve = {0.0: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.4, 8.0: 0.35, 16.0: 0.5}
-    ws, scores, chosen = choose_weight([0, 1, 2], curve.__getitem__, widen=3)
+    ws, _, chosen = choose_weight([0, 1, 2], curve.__getitem__, widen=3)
     assert ws == [0.0, 1.0, 2.0, 4.0, 8.0] and chosen == 4.0  # stops once the top is no longer best
     assert choose_weight([0, 1, 2], curve.__getitem__, widen=1)[0] == [0.0, 1.0, 2.0, 4.0]  # at most `widen`
     assert choose_weight([0, 1, 2], curve.__getitem__)[0] == [0.0, 1.0, 2.0]  # widen=0: the grid as given

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from llmrec.data.dataset import Catalog
 from llmrec.data.splits import Feedback, Split, leave_one_out
 from llmrec.eval.protocol import evaluate_full, evaluate_lists
-from llmrec.models.llm.backbone import load_backbone, tiny_tokenizer
-from llmrec.models.itemtoken.decoding import ItemTrie, constrained_beam_search, single_token_trie
 from llmrec.models.itemtoken import ItemTokenLM, ItemTokenLMConfig
+from llmrec.models.itemtoken.decoding import ItemTrie, constrained_beam_search, single_token_trie
 from llmrec.models.itemtoken.net import latest_states, title_rows
 from llmrec.models.itemtoken.prompts import IGNORE, PromptBuilder, item_token, training_example
+from llmrec.models.llm.backbone import load_backbone, tiny_tokenizer
 
 N_ITEMS = 20
 TINY = {"backbone": "random-tiny-llama", "template": "plain", "title_tokens": 2, "max_prompt_tokens": 128,

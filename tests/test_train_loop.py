@@ -14,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from llmrec.models.train import Checkpoint, CheckpointError, TrainConfig, TrainTask, fit_loop, learning_rate, lr_factor
+from llmrec.models.train import (
+    Checkpoint,
+    CheckpointError,
+    TrainConfig,
+    TrainTask,
+    fit_loop,
+    learning_rate,
+    lr_factor,
+)
 from llmrec.models.train.progress import Progress
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from llmrec.data.splits import PAD_ITEM, Feedback, Split
+from llmrec.models.train.progress import batch_starts
 
 
 def top_k(
@@ -126,7 +127,7 @@ class Recommender(ABC):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (ids, scores), each (n, k); history items are excluded unless told otherwise."""
         ids, scores = [], []
-        for start in range(0, len(histories), batch_size):
+        for start in batch_starts(len(histories), batch_size):
             batch = [np.asarray(h, dtype=np.int64) for h in histories[start : start + batch_size]]
             s = self.score(batch, None if users is None else users[start : start + batch_size])
             i, v = top_k(s, k, batch if exclude_seen else None)

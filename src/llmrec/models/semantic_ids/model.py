@@ -58,7 +58,16 @@ from llmrec.models.semantic_ids.interests import (
 )
 from llmrec.models.semantic_ids.rqvae import RQVAEConfig, train_rqvae
 from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search
-from llmrec.models.train import TrainConfig, TrainTask, device_for, fit_loop, num_threads, say
+from llmrec.models.train import (
+    TrainConfig,
+    TrainTask,
+    batch_progress,
+    batch_starts,
+    device_for,
+    fit_loop,
+    num_threads,
+    say,
+)
 
 
 @dataclass
@@ -306,7 +315,8 @@ class SemanticIDRec(Recommender):
         self._extractor = None
         t0 = time.perf_counter()
         say(progress, f"semantic-id: embedding {len(texts)} item texts with {c.embedder}")
-        emb = self.embedder.encode(texts)  # (N, E)
+        with batch_progress("item text embeddings", progress):
+            emb = self.embedder.encode(texts)  # (N, E)
         embed_s = time.perf_counter() - t0
         collab_info = None
         self.collab_model = None
@@ -359,7 +369,8 @@ class SemanticIDRec(Recommender):
             ranked, _ = self.collab_model.recommend(valid.histories, k=10)
             return mean_ndcg(ranked, valid.targets)
 
-        pick = choose_prior(keys, ndcg_at, alone, progress)
+        with batch_progress("prior-weight beam search", progress):
+            pick = choose_prior(keys, ndcg_at, alone, progress)
         self.prior_weight, self.prior_alone = pick["chosen"], pick["alone"]
         return {**pick, "valid_users": len(valid), "seconds": time.perf_counter() - t0}
 
@@ -424,7 +435,7 @@ class SemanticIDRec(Recommender):
         user_chunk = max(1, min(self.config.eval_batch_size, 32768 // min(item_chunk, self.n_items)))
         codes = self._codes_t  # (N, L)
         with num_threads(self.config.num_threads, self.device), torch.no_grad():
-            for s in range(0, len(histories), user_chunk):
+            for s in batch_starts(len(histories), user_chunk):
                 batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + user_chunk]]
                 memory, mem_mask, fused = self._encode_histories(batch)
                 B = len(batch)
@@ -455,7 +466,7 @@ class SemanticIDRec(Recommender):
         self.net.eval()
         ids_out, sc_out = [], []
         with num_threads(self.config.num_threads, self.device), torch.no_grad():
-            for s in range(0, len(histories), batch_size):
+            for s in batch_starts(len(histories), batch_size):
                 batch = [np.asarray(h, dtype=np.int64) for h in histories[s : s + batch_size]]
                 allowed = torch.ones(len(batch), self.n_items, dtype=torch.bool, device=self.device)
                 if exclude_seen:

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from llmrec.models.train.checkpoint import Checkpoint
-from llmrec.models.train.progress import Curves, Progress
+from llmrec.models.train.progress import Curves, Progress, batch_progress
 from llmrec.models.train.runtime import Processes
 from llmrec.models.train.schedule import Schedule, budget_steps, learning_rate
 from llmrec.models.train.stopping import EarlyStopping
@@ -243,7 +243,8 @@ class _Loop:
         if self.bar is not None:
             self.bar.note(stage="validating")
         self.task.module.eval()
-        score = float(self.procs.agree(float(self.task.validate())))
+        with batch_progress(f"{self.task.name} validation", self.show):
+            score = float(self.procs.agree(float(self.task.validate())))
         r.stopper.update(score, at, self.task.snapshot)
         r["best"], r["best_step"], r["bad"] = r.stopper.best, r.stopper.best_at, r.stopper.bad
         self.curves.validation(r["step"], self.elapsed(), score)

@@ -5,15 +5,44 @@ files when ``tensorboard`` is installed. Only the main process shows or writes a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 CURVES_PNG = "curves.png"
+_SHOWN: ContextVar[str | None] = ContextVar("llmrec_batch_progress", default=None)
+
+
+@contextlib.contextmanager
+def batch_progress(desc: str, enabled: bool = True) -> Iterator[None]:
+    """While active, :func:`batch_starts` loops (scoring, beam search, embedding) show a bar named ``desc``
+    (validation inside training, the prior-weight choice): long inner loops are never silent."""
+    token = _SHOWN.set(desc if enabled else None)
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
+
+
+def progress_shown() -> bool:
+    """Whether an enclosing :func:`batch_progress` asks inner loops to show their progress."""
+    return _SHOWN.get() is not None
+
+
+def batch_starts(n: int, size: int) -> Iterable[int]:
+    """``range(0, n, size)``, shown as a transient bar inside :func:`batch_progress` (results are unchanged)."""
+    starts = range(0, n, size)
+    desc = _SHOWN.get()
+    if desc is None or len(starts) < 2:
+        return starts
+    return tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
 def say(enabled: bool, message: str) -> None:
