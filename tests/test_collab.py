@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cycle_split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from llmrec.data.splits import Split, leave_one_out
+from llmrec.data.splits import Split
 from llmrec.models.collab import (
     CompanionKeys,
     choose_prior,
@@ -63,10 +64,8 @@ def test_unit_rms_rows_and_errors() -> None:
 
 
 def cycle(n_users: int = 60, seed: int = 0) -> Split:
-    # 8 items in a cycle: item i is always followed by item i+1
-    rng = np.random.default_rng(seed)
-    seqs = [(int(rng.integers(8)) + np.arange(int(rng.integers(5, 9)))) % 8 for _ in range(n_users)]
-    return leave_one_out(seqs, 8)
+    """8 items in a cycle: item i is always followed by item i+1."""
+    return cycle_split(n_users, seed, n_items=8, lengths=(5, 9), catalog=False)
 
 
 CFG = SASRecConfig(hidden_size=16, n_heads=1, max_epochs=30, patience=30, dropout=0.1, attn_dropout=0.1,

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import N_ITEMS, cycle_split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmrec.data.dataset import Catalog
-from llmrec.data.splits import Feedback, Split, leave_one_out
+from llmrec.data.splits import Feedback, Split
 from llmrec.eval.protocol import evaluate_full, evaluate_lists
 from llmrec.models.itemtoken import ItemTokenLM, ItemTokenLMConfig
 from llmrec.models.itemtoken.decoding import ItemTrie, constrained_beam_search, single_token_trie
@@ -24,26 +24,11 @@ from llmrec.models.itemtoken.net import latest_states, title_rows
 from llmrec.models.itemtoken.prompts import IGNORE, PromptBuilder, item_token, training_example
 from llmrec.models.llm.backbone import load_backbone, tiny_tokenizer
 
-N_ITEMS = 20
 TINY = {"backbone": "random-tiny-llama", "template": "plain", "title_tokens": 2, "max_prompt_tokens": 128,
         "lr": 1e-2, "item_lr": 3e-2, "batch_size": 8, "epochs": 12, "eval_every": 20, "patience": 100,
         "warmup_steps": 5, "num_threads": 1, "lora_dropout": 0.0, "amp": "off"}
 
 
-def cycle_split(n_users: int = 40, seed: int = 0) -> Split:
-    rng = np.random.default_rng(seed)
-    seqs = []
-    for _ in range(n_users):
-        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(6, 14))
-        seqs.append((start + np.arange(length)) % N_ITEMS)
-    catalog = Catalog(
-        item_ids=[f"item-{i}" for i in range(N_ITEMS)],
-        titles=[f"Product {i}" for i in range(N_ITEMS)],
-        brands=[None] * N_ITEMS,
-        categories=[[f"Category {i % 4}"] for i in range(N_ITEMS)],
-        descriptions=[None] * N_ITEMS,
-    )
-    return leave_one_out(seqs, N_ITEMS).with_catalog(catalog)
 
 
 def built(**overrides: object) -> ItemTokenLM:
@@ -291,24 +276,12 @@ def test_constrained_decoding_never_invalid_repeated_or_seen(
 # --- CLI --------------------------------------------------------------------------------
 
 
-def test_cli_train_evaluate_recommend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import gzip
+def test_cli_train_evaluate_recommend(cycle_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from llmrec.cli import main
 
-    src = tmp_path / "src"
-    src.mkdir()
-    split = cycle_split()
-    seqs = [np.concatenate([h, t]) for h, t in zip(split.test.histories, split.test.targets, strict=True)]
-    with gzip.open(src / "sequences.jsonl.gz", "wt") as f:
-        for u, s in enumerate(seqs):
-            f.write(json.dumps({"user_id": f"u{u}", "item_ids": [f"i{i}" for i in s]}) + "\n")
-    with gzip.open(src / "items.jsonl.gz", "wt") as f:
-        for i in range(N_ITEMS):
-            f.write(json.dumps({"item_id": f"i{i}", "title": f"Product {i}"}) + "\n")
-    ds, run = tmp_path / "ds", tmp_path / "run"
-    assert main(["data", "prepare", str(src), str(ds), "--quiet"]) == 0
+    ds, run = cycle_dataset, tmp_path / "run"
     sets = [f"model.params.{k}={json.dumps(v)}" for k, v in {**TINY, "epochs": 1, "max_steps": 2}.items()]
     args = ["train", "--model", "itemtoken-lm", "--dataset", str(ds), "--out", str(run), "--quiet"]
     for s in sets:

@@ -13,13 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import N_ITEMS, cycle_catalog, cycle_sequences
 
-from llmrec.data.dataset import Catalog
 from llmrec.data.splits import Split, leave_one_out
 from llmrec.models.base import Recommender
 from llmrec.models.registry import MODELS, build_model
-
-N_ITEMS = 20
 
 # Small, fast settings per model; every registered model must appear here.
 # max_minutes is a safety net only: the epoch counts decide, so a loaded machine cannot change the outcome
@@ -42,24 +40,8 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
 SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm"}
 
 
-def cycle_sequences(n_users: int = 40, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    seqs = []
-    for _ in range(n_users):
-        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(6, 14))
-        seqs.append((start + np.arange(length)) % N_ITEMS)
-    return seqs
 
 
-def cycle_catalog() -> Catalog:
-    """Text for text-aware models: item i is 'Product i', in one of four categories."""
-    return Catalog(
-        item_ids=[f"item-{i}" for i in range(N_ITEMS)],
-        titles=[f"Product {i}" for i in range(N_ITEMS)],
-        brands=[None] * N_ITEMS,
-        categories=[[f"Category {i % 4}"] for i in range(N_ITEMS)],
-        descriptions=[None] * N_ITEMS,
-    )
 
 
 @pytest.fixture(scope="module")

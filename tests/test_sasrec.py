@@ -9,22 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import N_ITEMS, cycle_split
 
 from llmrec.config import ConfigError, from_dict
-from llmrec.data.splits import Split, leave_one_out
+from llmrec.data.splits import Split
 from llmrec.models.sasrec import FullSoftmaxCE, SASRec, SASRecConfig
-
-N_ITEMS = 20
-
-
-def cycle_split(n_users: int = 30, seed: int = 0) -> Split:
-    """Each user walks the cycle 0 -> 1 -> ... -> 19 -> 0 from a random start, 6 to 15 steps."""
-    rng = np.random.default_rng(seed)
-    seqs = []
-    for _ in range(n_users):
-        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(6, 16))
-        seqs.append((start + np.arange(length)) % N_ITEMS)
-    return leave_one_out(seqs, N_ITEMS)
 
 
 def tiny_config(**overrides: object) -> SASRecConfig:
@@ -52,7 +41,7 @@ def tiny_config(**overrides: object) -> SASRecConfig:
 
 @pytest.fixture(scope="module")
 def split() -> Split:
-    return cycle_split()
+    return cycle_split(30, lengths=(6, 16), catalog=False)
 
 
 @pytest.fixture(scope="module")

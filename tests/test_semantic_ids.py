@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 from pathlib import Path
@@ -10,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import N_ITEMS, cycle_split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmrec.data.dataset import Catalog
-from llmrec.data.splits import Split, leave_one_out
+from llmrec.data.splits import Split
 from llmrec.eval.protocol import evaluate_full
 from llmrec.models.registry import build_model
 from llmrec.models.semantic_ids.embed import EmbeddingCache, HashEmbedder, get_embedder
@@ -22,32 +21,15 @@ from llmrec.models.semantic_ids.model import SemanticIDRec
 from llmrec.models.semantic_ids.rqvae import RQVAEConfig, code_stats, resolve_collisions, train_rqvae
 from llmrec.models.semantic_ids.seq2seq import CodeTrie, NetConfig, SemIDSeq2Seq, beam_search, group_logsumexp
 
-N_ITEMS = 20
 TINY = {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8, "rq_hidden": 32,
         "rq_steps": 100, "d_model": 32, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_size": 64,
         "dropout": 0.0, "max_len": 12, "lr": 0.005, "batch_size": 16, "max_epochs": 60, "eval_every": 20,
         "patience": 100, "max_minutes": 30.0, "beam_size": 10, "seed": 0, "num_threads": 1}
 
 
-def cycle_split() -> Split:
-    rng = np.random.default_rng(0)
-    seqs = []
-    for _ in range(40):
-        start, length = int(rng.integers(N_ITEMS)), int(rng.integers(6, 14))
-        seqs.append((start + np.arange(length)) % N_ITEMS)
-    cat = Catalog(item_ids=[f"item-{i}" for i in range(N_ITEMS)], titles=[f"Product {i}" for i in range(N_ITEMS)],
-                  brands=[None] * N_ITEMS, categories=[[f"Category {i % 4}"] for i in range(N_ITEMS)],
-                  descriptions=[None] * N_ITEMS)
-    return leave_one_out(seqs, N_ITEMS).with_catalog(cat)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny tensors: one thread avoids spin-waiting on a busy machine (10x faster there)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -268,23 +250,10 @@ def test_hash_embedder_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_cli_train_evaluate_recommend(tmp_path: Path) -> None:
+def test_cli_train_evaluate_recommend(cycle_dataset: Path, tmp_path: Path) -> None:
     from llmrec.cli import main
 
-    split = cycle_split()
-    src = tmp_path / "src"
-    src.mkdir()
-    seqs = [np.concatenate([split.train[u], *[t for ev in (split.valid, split.test)
-                                              for uu, t in zip(ev.users, ev.targets, strict=True) if uu == u]])
-            for u in range(split.n_users)]
-    with gzip.open(src / "sequences.jsonl.gz", "wt") as f:
-        for u, s in enumerate(seqs):
-            f.write(json.dumps({"user_id": f"u{u}", "item_ids": [f"item-{i}" for i in s]}) + "\n")
-    with gzip.open(src / "items.jsonl.gz", "wt") as f:
-        for i in range(N_ITEMS):
-            f.write(json.dumps({"item_id": f"item-{i}", "title": f"Product {i}", "categories": [f"C{i % 4}"]}) + "\n")
-    ds = tmp_path / "ds"
-    assert main(["data", "prepare", str(src), str(ds), "--quiet"]) == 0
+    ds = cycle_dataset
     sets = [f"model.params.{k}={json.dumps(v)}" for k, v in TINY.items()]
     run = tmp_path / "run"
     args = ["train", "--model", "semantic-id", "--dataset", str(ds), "--out", str(run), "--quiet"]
