@@ -238,6 +238,26 @@ def unpack_frozen(tensors: dict[str, np.ndarray], extra: dict[str, Any], n_items
     return model, float(entry["state_scale"])
 
 
+def pack_companion(model: Any, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+    """Add an LLM family's prior (weight, alone) and its frozen companion, if it has one, to the
+    ``tensors`` and ``extra`` it saves (in place); :func:`unpack_companion` reads them back."""
+    extra["collab_prior"] = float(model.prior_weight)
+    extra["collab_prior_alone"] = bool(model.prior_alone)
+    if model.collab_model is not None:  # the frozen SASRec of the states / the prior travels with the model
+        sas_tensors, extra["collab_state"] = pack_frozen(model.collab_model, model.state_scale)
+        tensors.update(sas_tensors)
+
+
+def unpack_companion(model: Any, tensors: dict[str, np.ndarray], extra: dict[str, Any], reads_states: bool) -> None:
+    """Restore what :func:`pack_companion` saved onto ``model``; the companion is required when the model
+    ``reads_states`` or its prior weight is on, and loaded whenever it was saved (so a weight can be re-chosen)."""
+    model.collab_model = None
+    model.prior_weight = float(extra.get("collab_prior", model.config.collab_prior))
+    model.prior_alone = bool(extra.get("collab_prior_alone", False))
+    if reads_states or model.prior_weight > 0 or "collab_state" in extra:
+        model.collab_model, model.state_scale = unpack_frozen(tensors, extra, model.n_items, model.name)
+
+
 def choose_weight(weights: Sequence[float], ndcg_at: Callable[[float], float],
                   widen: int = 0) -> tuple[list[float], list[float], float]:
     """Pick a SASRec prior weight on validation: the distinct ``weights`` in ascending order (all >= 0, at

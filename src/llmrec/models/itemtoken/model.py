@@ -54,10 +54,10 @@ from llmrec.models.collab import (
     choose_prior,
     fit_companion,
     fit_width,
-    pack_frozen,
+    pack_companion,
     state_scale,
     unit_rms_rows,
-    unpack_frozen,
+    unpack_companion,
 )
 from llmrec.models.itemtoken.config import STATE_TOKEN, ItemTokenLMConfig
 from llmrec.models.itemtoken.examples import ExampleBuilder
@@ -476,20 +476,13 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         tensors = {n: p.detach().float().cpu().numpy().copy() for n, p in self.trainable_state().items()}
         extra = {"titles": self.titles, "n_base": self._require_net().n_base, "n_users": self.n_users,
                  "added_tokens": [item_token(i) for i in range(self.n_items)] + [item_token("END")]}
-        extra["collab_prior"] = float(self.prior_weight)
-        extra["collab_prior_alone"] = bool(self.prior_alone)
-        if self.collab_model is not None:  # the frozen SASRec of collab_state / the prior travels with the model
-            sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
-            tensors.update(sas_tensors)
+        pack_companion(self, tensors, extra)
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         state_dim = 0
-        self.collab_model, self._collab_rows = None, None
-        self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
-        self.prior_alone = bool(extra.get("collab_prior_alone", False))
-        if self.config.collab_state != "none" or self.prior_weight > 0 or "collab_state" in extra:
-            self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "itemtoken-lm")
+        self._collab_rows = None
+        unpack_companion(self, tensors, extra, reads_states=self.config.collab_state != "none")
         if self.config.collab_state != "none":
             state_dim = self.collab_model.config.hidden_size
         tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}

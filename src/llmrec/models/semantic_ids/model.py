@@ -40,11 +40,11 @@ from llmrec.models.collab import (
     choose_prior,
     fit_companion,
     fit_width,
-    pack_frozen,
+    pack_companion,
     prefix_states,
     state_scale,
     unit_rms_rows,
-    unpack_frozen,
+    unpack_companion,
 )
 from llmrec.models.semantic_ids.embed import DEFAULT_EMBEDDER, get_embedder
 from llmrec.models.semantic_ids.interests import (
@@ -499,22 +499,14 @@ class SemanticIDRec(Recommender):
             "rqvae": self.rq_stats,
             "items": [[it.title, list(it.categories), it.brand] for it in self.items],
         }
-        extra["collab_prior"] = float(self.prior_weight)
-        extra["collab_prior_alone"] = bool(self.prior_alone)
-        if self.collab_model is not None:  # the frozen SASRec of collab_states / the prior travels with the model
-            sas_tensors, extra["collab_state"] = pack_frozen(self.collab_model, self.state_scale)
-            tensors.update(sas_tensors)
+        pack_companion(self, tensors, extra)
         return tensors, extra
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
         self.codes = np.asarray(tensors["codes"], dtype=np.int64)
         self.items = [ItemText(t, tuple(cs), b) for t, cs, b in extra["items"]]
         self.rq_stats = extra.get("rqvae", {})
-        self.collab_model = None
-        self.prior_weight = float(extra.get("collab_prior", self.config.collab_prior))
-        self.prior_alone = bool(extra.get("collab_prior_alone", False))
-        if self.config.collab_states or self.prior_weight > 0 or "collab_state" in extra:  # whenever it was saved
-            self.collab_model, self.state_scale = unpack_frozen(tensors, extra, self.n_items, "semantic-id")
+        unpack_companion(self, tensors, extra, reads_states=self.config.collab_states)
         self._build_net(tuple(int(v) for v in extra["vocab_sizes"]), int(extra["interest_dim"]))
         assert self.net is not None
         state = {k[4:]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith("net.")}
