@@ -94,3 +94,31 @@ def cycle_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "ds"
     assert main(["data", "prepare", str(write_cycle_source(root / "src")), str(out), "--quiet"]) == 0
     return out
+
+
+SERVED_MODELS: dict[str, dict[str, object]] = {
+    "popularity": {},
+    "itemknn": {"neighbors": 10},
+    "sasrec": {"hidden_size": 16, "n_heads": 1, "n_layers": 1, "inner_size": 32, "max_len": 12, "max_epochs": 30,
+               "num_threads": 1},
+    "semantic-id": {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8, "rq_hidden": 16,
+                    "rq_steps": 50, "d_model": 16, "n_heads": 2, "enc_layers": 1, "dec_layers": 1, "ff_size": 32,
+                    "max_len": 12, "max_epochs": 20, "beam_size": 10, "num_threads": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def served_runs(cycle_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Trained and evaluated runs of :data:`SERVED_MODELS` on the cycle dataset (for the service tests)."""
+    from llmrec.config import from_dict
+    from llmrec.runs import ModelSection, RunConfig, evaluate_run, load_run, train
+
+    root = tmp_path_factory.mktemp("served")
+    runs = {}
+    for name, params in SERVED_MODELS.items():
+        cfg = from_dict(RunConfig, {"dataset": str(cycle_dataset), "seed": 0})
+        cfg.model = ModelSection(name=name, params=dict(params))
+        train(cfg, root / name, progress=False)
+        evaluate_run(load_run(root / name), progress=False)
+        runs[name] = root / name
+    return runs

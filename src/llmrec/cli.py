@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from llmrec.config import ConfigError
+from llmrec.errors import LlmrecError
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="popularity,itemknn,sasrec")
     p.add_argument("--users", type=int, default=3, help="users to show recommendations for")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve", action="store_true",
+                   help="then serve the trained runs (API and web page) until interrupted; "
+                        "LLMREC_DEMO_SERVE=0 turns this off for non-interactive use")
+    p.add_argument("--port", type=int, default=None, help="port of --serve (default 8000)")
     _add_quiet(p)
+
+    p = sub.add_parser("serve", help="REST API and web shop page over trained run directories")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories (of one dataset)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (they share the event store)")
+    p.add_argument("--workdir", type=Path, default=None, help="where the event database lives (default work/serve)")
+    p.add_argument("--no-microbatch", action="store_true", help="score every request alone (for comparison)")
     return parser
 
 
@@ -198,7 +211,7 @@ def _cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from llmrec.pipeline import DEFAULT_MODELS, run_demo
+    from llmrec.pipeline import DEFAULT_MODELS, demo_run_dir, run_demo
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     from llmrec.models.registry import model_class
@@ -207,15 +220,44 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         model_class(name)
     run_demo(args.data, args.workdir, {n: DEFAULT_MODELS.get(n, {}) for n in names}, n_users=args.users,
              seed=args.seed, progress=not args.quiet)
+    if args.serve and os.environ.get("LLMREC_DEMO_SERVE", "1") != "0":
+        runs = [demo_run_dir(args.workdir, args.data, n, args.seed) for n in names]
+        serve_args = argparse.Namespace(runs=runs, host=None, port=args.port, workers=1,
+                                        workdir=args.workdir / "serve", no_microbatch=False)
+        _cmd_serve(serve_args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from llmrec.serve.app import create_app
+    from llmrec.serve.host import load_models
+    from llmrec.serve.settings import ServeSettings
+
+    given = {"runs": [Path(r).resolve() for r in args.runs], "host": args.host, "port": args.port,
+             "workdir": args.workdir, "microbatch": False if args.no_microbatch else None}
+    settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    if args.workers < 1:
+        raise LlmrecError(f"--workers must be >= 1, got {args.workers}")
+    loaded = load_models(settings)  # a run that cannot be served stops here, naming it
+    url = f"http://{settings.host}:{settings.port}/"
+    print(f"llmrec: serving {', '.join(loaded[1])} at {url} (API docs at {url}docs; Ctrl-C stops)", flush=True)
+    if args.workers == 1:
+        uvicorn.run(create_app(settings, loaded), host=settings.host, port=settings.port, log_level="warning")
+        return
+    os.environ.update({"LLMREC_RUNS": json.dumps([str(r) for r in settings.runs]),
+                       "LLMREC_WORKDIR": str(settings.workdir), "LLMREC_MICROBATCH": json.dumps(settings.microbatch)})
+    uvicorn.run("llmrec.serve.app:app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=args.workers, log_level="warning")
 
 
 def main(argv: list[str] | None = None) -> int:
     from llmrec.data.download import DownloadError
-    from llmrec.errors import LlmrecError
+
 
     args = build_parser().parse_args(argv)
     handlers = {"data": _cmd_data, "train": _cmd_train, "evaluate": _cmd_evaluate,
-                "recommend": _cmd_recommend, "demo": _cmd_demo}
+                "recommend": _cmd_recommend, "demo": _cmd_demo, "serve": _cmd_serve}
     try:
         handlers[args.command](args)
     except (LlmrecError, ConfigError, DownloadError) as e:

@@ -27,6 +27,11 @@ DEFAULT_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
+def demo_run_dir(workdir: Path, source: Path, model: str, seed: int) -> Path:
+    """The run directory of ``model`` that :func:`run_demo` trains."""
+    return workdir / "runs" / f"{source.name}-{model}-seed{seed}"
+
+
 def ensure_dataset(source: Path, out: Path, progress: bool = True) -> Dataset:
     """Prepare ``source`` into ``out`` unless a dataset from the same source is already there."""
     if (out / "manifest.json").exists():
@@ -62,7 +67,7 @@ def run_demo(
     for name, params in models.items():
         cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
         cfg.model = ModelSection(name=name, params=dict(params))
-        run_dir = workdir / "runs" / f"{source.name}-{name}-seed{seed}"
+        run_dir = demo_run_dir(workdir, source, name, seed)
         print(f"training {name} ...", file=out)
         record = train(cfg, run_dir, overwrite=True, progress=progress)
         run = load_run(run_dir)
