@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/llmrec demo --data ../shared/data/amazon-office-2014 --workdir work
+	# ends by serving the trained models (API + shop page) until Ctrl-C; LLMREC_DEMO_SERVE=0 skips that
+	$(BIN)/llmrec demo --data ../shared/data/amazon-office-2014 --workdir work --serve
 
 test: install
 	$(BIN)/python -m pytest -q
