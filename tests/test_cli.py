@@ -46,8 +46,9 @@ def test_train_evaluate_recommend(office: Path, tmp_path: Path, capsys: pytest.C
     assert main(["evaluate", str(runs[0]), "--protocol", "sampled", "--negatives", "50", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "sampled-uniform-50" in out
-    sampled = json.loads((runs[0] / "metrics.json").read_text())
+    sampled = json.loads((runs[0] / "metrics.sampled-uniform-50.json").read_text())
     assert sampled["protocol"] == "sampled-uniform-50"
+    assert json.loads((runs[0] / "metrics.json").read_text())["protocol"] == "full"  # never overwritten
     assert sampled["overall"]["ndcg@10"] > metrics["overall"]["ndcg@10"]  # easier than full ranking
 
     assert main(["recommend", str(runs[0]), "--user", "office-user-0", "-k", "5", "--json"]) == 0

@@ -363,8 +363,9 @@ def test_dedup_keeps_earliest_and_ties_follow_file_order(tmp_path):
     manifest = prepare(src, tmp_path / "ds")
     assert manifest["counts"]["after_filters"] == 8 and manifest["counts"]["after_dedup"] == 6
     got = histories(tmp_path / "ds")
+    # timestamps this small are seconds (below 1e11): stored as milliseconds
     assert [(x["item_id"], x["timestamp"], x["review"]) for x in got["U"]] == [
-        ("X", 100, "early X"), ("Y", 200, "Y"), ("P", 400, "P"), ("Q", 400, "Q")]
+        ("X", 100_000, "early X"), ("Y", 200_000, "Y"), ("P", 400_000, "P"), ("Q", 400_000, "Q")]
     assert [(x["item_id"], x["review"]) for x in got["V"]] == [("Q", "first Q"), ("P", "P again")]
     assert [x["order"] for x in got["U"]] == [0, 1, 2, 3]
 
@@ -384,7 +385,7 @@ def test_2023_item_falls_back_to_asin_and_missing_timestamp_sorts_last(tmp_path)
     ])
     prepare(src, tmp_path / "ds")
     got = histories(tmp_path / "ds")
-    assert [(x["item_id"], x["timestamp"]) for x in got["U"]] == [("ignored-v", 5), ("M", 20), ("N", None)]
+    assert [(x["item_id"], x["timestamp"]) for x in got["U"]] == [("ignored-v", 5000), ("M", 20000), ("N", None)]
 
 
 # --------------------------------------------------------------------------- fast and careful readers

@@ -7,6 +7,8 @@ commit, training facts), ``model/`` (``model.json`` + ``weights.safetensors``) a
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -25,6 +27,7 @@ from llmrec.data.splits import EvalSet, Split, leave_one_out, ratio, temporal
 from llmrec.errors import LlmrecError
 from llmrec.eval.protocol import EvalResult, evaluate_full, evaluate_sampled
 from llmrec.eval.report import write_metrics_json
+from llmrec.fsutil import output_lock
 from llmrec.models.base import Recommender
 from llmrec.models.collab import set_prior
 from llmrec.models.registry import build_model, model_class
@@ -60,6 +63,12 @@ class EvalConfig:
     n_negatives: int = 100
     sampling: Literal["uniform", "popularity"] = "uniform"
     on: Literal["test", "valid"] = "test"
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be cut-offs >= 1, got {self.ks}")
+        if self.n_negatives < 1:
+            raise ValueError(f"n_negatives must be >= 1, got {self.n_negatives}")
 
 
 @dataclass
@@ -101,12 +110,21 @@ def make_split(ds: Dataset, cfg: SplitConfig, feedback: bool = False) -> Split:
     return split.with_feedback(ds.feedback()) if feedback else split
 
 
+def run_digest(record: dict[str, Any]) -> str:
+    """sha256 of what decides how a run is loaded and evaluated (its config, dataset fingerprint and
+    split), stored in ``run.json`` at training: an edited ``run.json`` no longer matches it."""
+    what = {"config": record["config"], "fingerprint": record["dataset"]["fingerprint"], "split": record["split"]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def git_commit() -> str:
-    """The current git commit of the working directory (``+dirty`` if modified), or ``unknown``."""
+    """The git commit of the llmrec source that runs (``+dirty`` if modified), or ``unknown`` when it is
+    not a git checkout (an installed package); the working directory does not matter."""
+    src = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True, cwd=src)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, capture_output=True,
-                               text=True, timeout=5)
+                               text=True, timeout=5, cwd=src)
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -153,6 +171,13 @@ def train(cfg: RunConfig, out: str | Path, overwrite: bool = False, progress: bo
     split = make_split(ds, cfg.split, feedback=model.wants_feedback)
     work = partial_dir(out)
     main = is_main_process()
+    lock = output_lock(out) if main else contextlib.nullcontext()
+    with lock:
+        return _train_locked(cfg, ds, model, split, out, work, main, progress)
+
+
+def _train_locked(cfg: RunConfig, ds: Dataset, model: Recommender, split: Split, out: Path, work: Path, main: bool,
+                  progress: bool) -> dict[str, Any]:
     if main:
         try:
             work.mkdir(parents=True, exist_ok=True)
@@ -175,6 +200,7 @@ def train(cfg: RunConfig, out: str | Path, overwrite: bool = False, progress: bo
         "train_seconds": train_seconds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    record["digest"] = run_digest(record)
     if main:
         _finish_run(model, record, work, out)
     return record
@@ -194,12 +220,14 @@ def _finish_run(model: Recommender, record: dict[str, Any], work: Path, out: Pat
     tmp.write_text(json.dumps(record, indent=2, default=str))
     tmp.replace(work / "run.json")
     Checkpoint(work, {}).remove()
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists() or out.is_symlink():
         os.replace(out, old)
     os.replace(work, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
 
 
 @dataclass
@@ -218,15 +246,25 @@ def load_run(path: str | Path, dataset: str | Path | None = None) -> LoadedRun:
     run_file = path / "run.json"
     if not run_file.exists():
         raise LlmrecError(f"{path}: not a run directory (no run.json; run `llmrec train` first)")
-    record = json.loads(run_file.read_text())
-    cfg = from_dict(RunConfig, record["config"], where=str(run_file))
+    try:
+        record = json.loads(run_file.read_text())
+        cfg = from_dict(RunConfig, record["config"], where=str(run_file))
+        digest_ok = record.get("digest", run_digest(record)) == run_digest(record)  # runs from before digests pass
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LlmrecError(f"{run_file}: damaged run record ({type(e).__name__}: {e})") from None
+    if not digest_ok:
+        raise LlmrecError(f"{run_file}: edited after training (its config, dataset or split no longer match the "
+                          "digest written with the model); train the run again")
     ds = Dataset.load(dataset or record["dataset"]["path"])
     if ds.fingerprint != record["dataset"]["fingerprint"]:
         raise LlmrecError(
             f"{ds.path}: dataset fingerprint {ds.fingerprint} differs from the one the run was trained on "
             f"({record['dataset']['fingerprint']})"
         )
-    model = model_class(cfg.model.name).load(path / "model")
+    try:
+        model = model_class(cfg.model.name).load(path / "model")
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LlmrecError(f"{path / 'model'}: cannot load the model ({type(e).__name__}: {str(e)[:300]})") from None
     split = make_split(ds, cfg.split, feedback=model.wants_feedback)
     model.feedback = split.feedback
     return LoadedRun(path, record, cfg, ds, split, model)
@@ -242,13 +280,13 @@ def evaluate_run(
     the LLM alone, or ``"alone"``: the companion alone) instead of the weight chosen on validation; the
     figures then go to ``metrics.prior-<weight>.json``, never over ``metrics.json``."""
     ecfg = ecfg or run.config.eval
-    name = "metrics.json"
+    name = "metrics.json" if ecfg.protocol == "full" else f"metrics.sampled-{ecfg.sampling}-{ecfg.n_negatives}.json"
     if prior_weight is not None:
         try:
             set_prior(run.model, prior_weight)
         except ValueError as e:
             raise LlmrecError(f"{run.path}: --prior-weight: {e}") from None
-        name = f"metrics.prior-{prior_weight}.json"
+        name = name.replace("metrics", f"metrics.prior-{prior_weight}", 1)
     evalset: EvalSet = run.split.test if ecfg.on == "test" else run.split.valid
     if len(evalset) == 0:
         raise LlmrecError(f"{run.path}: the {ecfg.on} set of this split is empty")
@@ -267,13 +305,27 @@ def evaluate_run(
     return result
 
 
-def recommend_for_users(run: LoadedRun, user_ids: list[str], k: int = 10) -> list[dict[str, Any]]:
-    """Top-``k`` next items for raw user ids, from each user's whole recorded history."""
+def recommend_for_users(run: LoadedRun, user_ids: list[str], k: int = 10,
+                        history: list[str] | None = None) -> list[dict[str, Any]]:
+    """Top-``k`` next items (``k`` capped at the catalog size) for raw user ids, from each user's whole recorded
+    history; with ``history`` (raw item ids, oldest first) for that one ad-hoc history instead."""
+    if k < 1:
+        raise LlmrecError(f"k must be >= 1, got {k}")
+    k = min(k, run.dataset.n_items)
     titles = run.dataset.titles()
     item_ids = run.dataset.item_ids
-    idx = [run.dataset.user_index(u) for u in user_ids]
-    histories = [run.dataset.sequences[i] for i in idx]
-    ids, scores = run.model.recommend(histories, k=k, users=np.asarray(idx, dtype=np.int64))
+    if history is not None:
+        index = {item: i for i, item in enumerate(item_ids)}
+        unknown = [h for h in history if h not in index]
+        if unknown:
+            raise LlmrecError(f"{run.dataset.path}: unknown item id {unknown[0]!r}")
+        user_ids = ["(history)"]
+        histories = [np.array([index[h] for h in history], dtype=np.int64)]
+        ids, scores = run.model.recommend(histories, k=k)
+    else:
+        idx = [run.dataset.user_index(u) for u in user_ids]
+        histories = [run.dataset.sequences[i] for i in idx]
+        ids, scores = run.model.recommend(histories, k=k, users=np.asarray(idx, dtype=np.int64))
     out = []
     for u, h, row, sc in zip(user_ids, histories, ids, scores, strict=True):
         out.append({

@@ -191,11 +191,27 @@ class Dataset:
         missing = [f for f in REQUIRED_FILES if not (path / f).exists()]
         if missing:
             raise DataError(f"{path}: not a dataset directory (missing {', '.join(missing)})")
-        inter = pq.read_table(path / "interactions.parquet")
-        users = inter.column("user").to_numpy().astype(np.int64)
-        items = inter.column("item").to_numpy().astype(np.int64)
-        user_table = pq.read_table(path / "users.parquet")
-        n_users = user_table.num_rows
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            stats = json.loads((path / "stats.json").read_text())
+            inter = pq.read_table(path / "interactions.parquet")
+            user_table = pq.read_table(path / "users.parquet")
+            items_table = pq.read_table(path / "items.parquet")
+            users = inter.column("user").to_numpy().astype(np.int64)
+            items = inter.column("item").to_numpy().astype(np.int64)
+            user_ids = user_table.column("user_id").to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            raise DataError(f"{path}: damaged dataset directory ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            "prepare it again") from None
+        # the content is checked against the manifest: an edited or damaged interactions file is refused
+        if "fingerprint" not in manifest or fingerprint(users, items) != manifest["fingerprint"]:
+            raise DataError(f"{path}: interactions.parquet does not match the fingerprint in manifest.json "
+                            "(edited or damaged); prepare the dataset again")
+        n_users = len(user_ids)
+        if len(users) and (users.min() < 0 or users.max() >= n_users or np.any(np.diff(users) < 0)
+                           or items.min() < 0 or items.max() >= items_table.num_rows):
+            raise DataError(f"{path}: interactions.parquet holds user or item codes outside users.parquet / "
+                            "items.parquet or out of order; prepare the dataset again")
         bounds = np.searchsorted(users, np.arange(n_users + 1))
         sequences = [items[bounds[u] : bounds[u + 1]] for u in range(n_users)]
         timestamps = None
@@ -206,8 +222,8 @@ class Dataset:
             path=path,
             sequences=sequences,
             timestamps=timestamps,
-            items=pq.read_table(path / "items.parquet"),
-            user_ids=user_table.column("user_id").to_pylist(),
-            stats=json.loads((path / "stats.json").read_text()),
-            manifest=json.loads((path / "manifest.json").read_text()),
+            items=items_table,
+            user_ids=user_ids,
+            stats=stats,
+            manifest=manifest,
         )

@@ -24,6 +24,7 @@ from llmrec.data.dataset import compute_stats, fingerprint
 from llmrec.data.filters import first_occurrence_mask, kcore_mask
 from llmrec.data.readers import FORMATS, ParseReport, _run, _sql_str, stage_items, stage_reviews
 from llmrec.errors import DataError
+from llmrec.fsutil import output_lock, remove_stale_temporaries
 
 
 @dataclass
@@ -90,18 +91,26 @@ def resolve_sources(source: Path, fmt: str = "auto", meta: Path | None = None) -
         if fmt == "sequences":
             meta = _first_existing(source.parent, ["items.jsonl.gz", "items.jsonl"])
         else:
-            meta = _first_existing(source.parent, [f"meta_{name}", f"meta_{base}", f"meta_{base}.gz"])
+            # a 2018 5-core file (Beauty_5.json.gz) shares the category's metadata (meta_Beauty.json.gz)
+            core = base.removesuffix(".json").removesuffix(".jsonl")
+            stems = [core] + ([core.removesuffix("_5")] if core.endswith("_5") else [])
+            ext = base[len(core):]
+            meta = _first_existing(source.parent, [f"meta_{name}", f"meta_{base}", f"meta_{base}.gz"]
+                                   + [f"meta_{stem}{ext}{gz}" for stem in stems[1:] for gz in (".gz", "")])
     return fmt, source, meta
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise DataError(f"{out}: already exists (use --force to replace it)")
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(trash)
         tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
     else:
         tmp.rename(out)
 
@@ -121,14 +130,22 @@ def prepare_dataset(
     cfg = config or PrepareConfig()
     source, out = Path(source), Path(out)
     fmt, reviews_path, meta_path = resolve_sources(source, cfg.format, Path(meta) if meta else None)
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"{out}: already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with output_lock(out):
+        return _prepare_locked(fmt, reviews_path, meta_path, cfg, out, overwrite, progress)
+
+
+def _prepare_locked(fmt: str, reviews_path: Path, meta_path: Path | None, cfg: PrepareConfig, out: Path,
+                    overwrite: bool, progress: bool) -> dict[str, Any]:
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     work = tmp / "_work"
     work.mkdir()
     bar = tqdm(total=6, desc=f"prepare {out.name}", disable=not progress, unit="step")
     try:
+        reviews_path = safe_source(reviews_path, work, "reviews")
+        meta_path = safe_source(meta_path, work, "meta") if meta_path is not None else None
         con = duckdb.connect(config={
             "memory_limit": cfg.memory_limit, "threads": cfg.threads, "temp_directory": str(work / "spill"),
             "preserve_insertion_order": True,
@@ -272,6 +289,12 @@ def _build(
             con,
             f"SELECT count(*) FROM imap SEMI JOIN read_parquet({_sql_str(meta_raw)}) m USING (item_id)",
         )[0][0])
+        if n_meta_matched == 0:
+            raise DataError(f"{meta_path}: none of its item ids matches any of the {len(item_codes)} items of "
+                            f"{reviews_path}; is it the metadata of another category? (pass the right one with --meta)")
+        if n_meta_matched < len(item_codes):
+            notes.append(f"metadata: {len(item_codes) - n_meta_matched} of {len(item_codes)} items have no "
+                         "metadata record (their title is their id)")
     else:
         notes.append("no metadata file: items have no text fields")
         _run(
@@ -302,3 +325,13 @@ def _build(
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     bar.update()
     return manifest
+
+
+def safe_source(path: Path, work: Path, name: str) -> Path:
+    """``path`` itself, or, when its name holds a character DuckDB would expand as a glob pattern
+    (``*?[]{}``), a link to it in ``work`` with a plain name: a path is one file, never a pattern."""
+    if not any(c in str(path) for c in "*?[]{}"):
+        return path
+    link = work / f"{name}{''.join(path.suffixes[-2:])}"
+    link.symlink_to(path.resolve())
+    return link

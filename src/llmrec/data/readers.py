@@ -26,6 +26,40 @@ import duckdb
 from llmrec.errors import DataError
 
 Format = Literal["sequences", "amazon2023", "amazon2018"]
+
+# --- the record rules, one place for every reader --------------------------------------------
+# A record is bad (skipped and reported with its line number; fatal with --strict) when an id is not a
+# string or integer (a list or an object is no id), a rating is not a finite number in [1, 5], or a
+# timestamp is negative. Timestamps below 1e11 are taken as seconds and stored as milliseconds, so a
+# file that mixes both keeps every history in time order.
+SCALAR = "('VARCHAR', 'BIGINT', 'UBIGINT')"
+MAX_LINE_BYTES = 64 * 1024 * 1024  # longest line a reader accepts (a very long but valid line is fine)
+
+
+ITEM_IDS_NOT_SCALAR = ("NOT coalesce(list_bool_and(list_transform(TRY_CAST(try(json_extract(line, '$.item_ids')) "
+                       f"AS JSON[]), lambda x: json_type(x) IN {SCALAR})), true)")
+
+
+def id_is_bad(path: str) -> str:
+    """SQL: the JSON value at ``path`` of ``line`` is present but not a string or integer."""
+    return f"coalesce(try(json_type(line, '{path}')) NOT IN {SCALAR}, false)"
+
+
+def rating_is_bad(value: str) -> str:
+    """SQL: rating text ``value`` is present but not a finite number in [1, 5]."""
+    r = f"TRY_CAST({value} AS DOUBLE)"
+    return f"({value} IS NOT NULL AND ({r} IS NULL OR NOT isfinite({r}) OR {r} < 1 OR {r} > 5))"
+
+
+def ts_is_bad(value: str) -> str:
+    """SQL: timestamp text ``value`` is present but not a non-negative integer."""
+    return f"({value} IS NOT NULL AND coalesce(TRY_CAST({value} AS BIGINT) < 0, true))"
+
+
+def ts_ms(value: str) -> str:
+    """SQL: an integer timestamp in seconds or milliseconds, as unix milliseconds."""
+    return f"(CASE WHEN {value} < 100000000000 THEN {value} * 1000 ELSE {value} END)"
+
 FORMATS: tuple[str, ...] = ("sequences", "amazon2023", "amazon2018")
 MAX_REPORTED_BAD_LINES = 20
 
@@ -93,7 +127,7 @@ def _lines_source(path: Path) -> str:
     return (
         f"(SELECT row_number() OVER () AS line_no, line FROM read_csv({_sql_str(path)}, "
         "columns={'line': 'VARCHAR'}, header=false, delim=chr(1), quote='', escape='', "
-        f"new_line='{_newline(path)}', auto_detect=false, strict_mode=false))"
+        f"new_line='{_newline(path)}', auto_detect=false, strict_mode=false, max_line_size={MAX_LINE_BYTES}))"
     )
 
 
@@ -103,26 +137,35 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
     "amazon2023": (
         ["$.user_id", "$.parent_asin", "$.asin", "$.timestamp", "$.rating", "$.title", "$.text",
          "$.verified_purchase"],
-        """v[1] AS user_id, coalesce(v[2], v[3]) AS item_id, TRY_CAST(v[4] AS BIGINT) AS ts,
+        f"""v[1] AS user_id, coalesce(v[2], v[3]) AS item_id, {ts_ms("TRY_CAST(v[4] AS BIGINT)")} AS ts,
            line_no AS pos, TRY_CAST(v[5] AS DOUBLE) AS rating,
            nullif(concat_ws('. ', nullif(v[6], ''), nullif(v[7], '')), '') AS review,
            TRY_CAST(v[8] AS BOOLEAN) AS verified""",
         [("v[1] IS NULL", "missing field user_id"),
+         (id_is_bad("$.user_id"), "field user_id is not a string"),
          ("coalesce(v[2], v[3]) IS NULL", "missing field parent_asin"),
+         (id_is_bad("$.parent_asin"), "field parent_asin is not a string"),
+         (id_is_bad("$.asin"), "field asin is not a string"),
          ("v[4] IS NOT NULL AND TRY_CAST(v[4] AS BIGINT) IS NULL", "field timestamp is not an integer"),
-         ("v[5] IS NOT NULL AND TRY_CAST(v[5] AS DOUBLE) IS NULL", "field rating is not a number")],
+         (ts_is_bad("v[4]"), "field timestamp is negative"),
+         ("v[5] IS NOT NULL AND TRY_CAST(v[5] AS DOUBLE) IS NULL", "field rating is not a number"),
+         (rating_is_bad("v[5]"), "field rating is not a finite number in [1, 5]")],
     ),
     "amazon2018": (
         ["$.reviewerID", "$.asin", "$.unixReviewTime", "$.overall", "$.summary", "$.reviewText",
          "$.verified"],
-        """v[1] AS user_id, v[2] AS item_id, TRY_CAST(v[3] AS BIGINT) * 1000 AS ts,
+        f"""v[1] AS user_id, v[2] AS item_id, {ts_ms("TRY_CAST(v[3] AS BIGINT)")} AS ts,
            line_no AS pos, TRY_CAST(v[4] AS DOUBLE) AS rating,
            nullif(concat_ws('. ', nullif(v[5], ''), nullif(v[6], '')), '') AS review,
            TRY_CAST(v[7] AS BOOLEAN) AS verified""",
         [("v[1] IS NULL", "missing field reviewerID"),
+         (id_is_bad("$.reviewerID"), "field reviewerID is not a string"),
          ("v[2] IS NULL", "missing field asin"),
+         (id_is_bad("$.asin"), "field asin is not a string"),
          ("v[3] IS NOT NULL AND TRY_CAST(v[3] AS BIGINT) IS NULL", "field unixReviewTime is not an integer"),
-         ("v[4] IS NOT NULL AND TRY_CAST(v[4] AS DOUBLE) IS NULL", "field overall is not a number")],
+         (ts_is_bad("v[3]"), "field unixReviewTime is negative"),
+         ("v[4] IS NOT NULL AND TRY_CAST(v[4] AS DOUBLE) IS NULL", "field overall is not a number"),
+         (rating_is_bad("v[4]"), "field overall is not a finite number in [1, 5]")],
     ),
 }
 
@@ -132,20 +175,31 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
 # the wrong type) or a row missing a required field sends the file to the line-by-line path above,
 # which counts and reports each malformed line. Per format: (columns read, SELECT list over them
 # and ``line_no``, producing the same columns and types as ``_REVIEW_SPECS``).
-_FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
+# Ids are read as JSON so that a list or an object is seen (as text it would pass); the rows that break a
+# record rule are counted after the pass, and any such row sends the file to the line-by-line path.
+_FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str, str]] = {
     "amazon2023": (
-        {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "asin": "VARCHAR", "timestamp": "BIGINT",
+        {"user_id": "JSON", "parent_asin": "JSON", "asin": "JSON", "timestamp": "BIGINT",
          "rating": "DOUBLE", "title": "VARCHAR", "text": "VARCHAR", "verified_purchase": "BOOLEAN"},
-        """user_id, coalesce(parent_asin, asin) AS item_id, "timestamp" AS ts, line_no AS pos, rating,
+        f"""user_id ->> '$' AS user_id, coalesce(parent_asin, asin) ->> '$' AS item_id,
+           {ts_ms('"timestamp"')} AS ts, line_no AS pos, rating,
            nullif(concat_ws('. ', nullif(title, ''), nullif("text", '')), '') AS review,
-           verified_purchase AS verified""",
+           verified_purchase AS verified,
+           (coalesce(json_type(user_id) NOT IN {SCALAR}, false) OR coalesce(json_type(parent_asin) NOT IN {SCALAR}, false)
+            OR coalesce(json_type(asin) NOT IN {SCALAR}, false) OR "timestamp" < 0
+            OR NOT coalesce(isfinite(rating) AND rating BETWEEN 1 AND 5, rating IS NULL)) AS broken""",
+        "user_id",
     ),
     "amazon2018": (
-        {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
+        {"reviewerID": "JSON", "asin": "JSON", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
          "summary": "VARCHAR", "reviewText": "VARCHAR", "verified": "BOOLEAN"},
-        """"reviewerID" AS user_id, asin AS item_id, "unixReviewTime" * 1000 AS ts, line_no AS pos,
-           overall AS rating,
-           nullif(concat_ws('. ', nullif(summary, ''), nullif("reviewText", '')), '') AS review, verified""",
+        f""""reviewerID" ->> '$' AS user_id, asin ->> '$' AS item_id, {ts_ms('"unixReviewTime"')} AS ts,
+           line_no AS pos, overall AS rating,
+           nullif(concat_ws('. ', nullif(summary, ''), nullif("reviewText", '')), '') AS review, verified,
+           (coalesce(json_type("reviewerID") NOT IN {SCALAR}, false) OR coalesce(json_type(asin) NOT IN {SCALAR}, false)
+            OR "unixReviewTime" < 0 OR NOT coalesce(isfinite(overall) AND overall BETWEEN 1 AND 5, overall IS NULL))
+           AS broken""",
+        "reviewerID",
     ),
 }
 
@@ -154,7 +208,7 @@ _ITEM_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
         ["$.item_id", "$.title", "$.brand", "$.categories", "$.description"],
         """v[1] AS item_id, v[2] AS title, v[3] AS brand,
            TRY_CAST(try(json_extract(line, '$.categories')) AS VARCHAR[]) AS categories, v[5] AS description""",
-        [("v[1] IS NULL", "missing field item_id")],
+        [("v[1] IS NULL", "missing field item_id"), (id_is_bad("$.item_id"), "field item_id is not a string")],
     ),
     "amazon2023": (
         ["$.parent_asin", "$.title", "$.store", "$.categories", "$.description", "$.main_category",
@@ -166,7 +220,8 @@ _ITEM_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
            v[6] AS main_category, v[7] AS price,
            nullif(array_to_string(TRY_CAST(try(json_extract(line, '$.features')) AS VARCHAR[]), ' '), '') AS features,
            TRY_CAST(v[9] AS DOUBLE) AS average_rating, TRY_CAST(v[10] AS BIGINT) AS rating_number""",
-        [("v[1] IS NULL", "missing field parent_asin")],
+        [("v[1] IS NULL", "missing field parent_asin"),
+         (id_is_bad("$.parent_asin"), "field parent_asin is not a string")],
     ),
     "amazon2018": (
         ["$.asin", "$.title", "$.brand", "$.category", "$.description", "$.price", "$.main_cat"],
@@ -175,7 +230,7 @@ _ITEM_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
            coalesce(nullif(array_to_string(TRY_CAST(try(json_extract(line, '$.description')) AS VARCHAR[]), ' '), ''),
                     CASE WHEN try(json_type(line, '$.description')) = 'VARCHAR' THEN v[5] END) AS description,
            v[6] AS price, v[7] AS main_category""",
-        [("v[1] IS NULL", "missing field asin")],
+        [("v[1] IS NULL", "missing field asin"), (id_is_bad("$.asin"), "field asin is not a string")],
     ),
 }
 
@@ -196,15 +251,49 @@ def _stage(
     ``v`` (the list of values at ``paths``, as strings) and ``line_no``.
     """
     check_file(path)
+    try:
+        return _stage_once(con, path, path, paths, select, checks, out, strict)
+    except _NotUtf8:
+        clean = out.with_suffix(".utf8.jsonl")
+        try:
+            _replace_invalid_utf8(path, clean)
+            return _stage_once(con, path, clean, paths, select, checks, out, strict)
+        finally:
+            clean.unlink(missing_ok=True)
+
+
+class _NotUtf8(Exception):
+    pass
+
+
+INVALID_UTF8 = "\u0002llmrec: invalid utf-8"  # stands in for a line that is not UTF-8 (never valid JSON)
+
+
+def _replace_invalid_utf8(path: Path, out: Path) -> None:
+    """Copy ``path`` (plain or gzipped) to plain ``out``, each line that is not valid UTF-8 replaced by
+    :data:`INVALID_UTF8`, so that it is reported as a malformed line with its number and the rest is read."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as src, open(out, "wb") as dst:
+        for raw in src:
+            try:
+                raw.decode("utf-8")
+                dst.write(raw)
+            except UnicodeDecodeError:
+                dst.write(INVALID_UTF8.encode() + (b"\r\n" if raw.endswith(b"\r\n") else b"\n"))
+
+
+def _stage_once(con: duckdb.DuckDBPyConnection, path: Path, source: Path, paths: list[str], select: str,
+                checks: list[tuple[str, str]], out: Path, strict: bool) -> ParseReport:
+    """:func:`_stage` of the lines of ``source`` (``path`` or its UTF-8-clean copy), reported as ``path``."""
     plist = "[" + ", ".join(f"'{p}'" for p in paths) + "]"
-    reason = "CASE WHEN v IS NULL THEN 'invalid JSON' "
+    reason = f"CASE WHEN line = '{INVALID_UTF8}' THEN 'line is not valid UTF-8' WHEN v IS NULL THEN 'invalid JSON' "
     reason += " ".join(f"WHEN {cond} THEN '{why}'" for cond, why in checks) + " END"
     try:
         _run(
             con,
             f"""COPY (SELECT line_no, {reason} AS bad, {select}
                 FROM (SELECT line_no, line, try(json_extract_string(line, {plist})) AS v
-                      FROM {_lines_source(path)} WHERE trim(line) <> ''))
+                      FROM {_lines_source(source)} WHERE trim(line) <> ''))
                 TO {_sql_str(out)} (FORMAT parquet)""",
         )
         report = ParseReport(file=str(path))
@@ -231,6 +320,8 @@ def _stage(
                 )
     except duckdb.Error as e:
         out.unlink(missing_ok=True)
+        if "Invalid unicode" in str(e) and source == path:
+            raise _NotUtf8 from None
         raise DataError(f"{path}: could not be read ({str(e).splitlines()[0]})") from None
     except DataError:
         out.unlink(missing_ok=True)
@@ -243,25 +334,32 @@ def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, ou
     removed) when some line needs the line-by-line path. ``line_no`` here counts non-blank lines,
     which orders rows as the file does; the exact line numbers only matter in the slow path's reports.
     """
-    columns, select = _FAST_REVIEW_SPECS[fmt]
+    columns, select, _ = _FAST_REVIEW_SPECS[fmt]
     cols = "{" + ", ".join(f"'{name}': '{typ}'" for name, typ in columns.items()) + "}"
+    staged = out.with_suffix(".fast.parquet")
     try:
         _run(
             con,
             f"""COPY (SELECT line_no, CAST(NULL AS VARCHAR) AS bad, {select}
                       FROM (SELECT row_number() OVER () AS line_no, *
                             FROM read_json({_sql_str(path)}, format='newline_delimited', records=true,
-                                           columns={cols}, auto_detect=false)))
-                TO {_sql_str(out)} (FORMAT parquet)""",
+                                           columns={cols}, auto_detect=false,
+                                           maximum_object_size={MAX_LINE_BYTES})))
+                TO {_sql_str(staged)} (FORMAT parquet)""",
         )
         ((n, n_missing),) = _run(
             con,
-            f"SELECT count(*), count(*) FILTER (WHERE user_id IS NULL OR item_id IS NULL) "
-            f"FROM read_parquet({_sql_str(out)})",
+            f"SELECT count(*), count(*) FILTER (WHERE user_id IS NULL OR item_id IS NULL OR broken) "
+            f"FROM read_parquet({_sql_str(staged)})",
         )
+        if n and not n_missing:
+            _run(con, f"COPY (SELECT * EXCLUDE (broken) FROM read_parquet({_sql_str(staged)})) "
+                      f"TO {_sql_str(out)} (FORMAT parquet)")
     except duckdb.Error:
         out.unlink(missing_ok=True)
         return None
+    finally:
+        staged.unlink(missing_ok=True)
     if n == 0 or n_missing:
         out.unlink(missing_ok=True)
         return None
@@ -280,9 +378,11 @@ def stage_reviews(
         paths = ["$.user_id", "$.item_ids"]
         checks = [
             ("v[1] IS NULL", "missing field user_id"),
+            (id_is_bad("$.user_id"), "field user_id is not a string"),
             ("v[2] IS NULL", "missing field item_ids"),
             ("TRY_CAST(try(json_extract(line, '$.item_ids')) AS VARCHAR[]) IS NULL",
              "field item_ids is not a list of strings"),
+            (ITEM_IDS_NOT_SCALAR, "field item_ids is not a list of strings"),
         ]
         select = "v[1] AS user_id, TRY_CAST(try(json_extract(line, '$.item_ids')) AS VARCHAR[]) AS item_ids"
         tmp = out.with_suffix(".lists.parquet")

@@ -171,14 +171,29 @@ class Recommender(ABC):
 
         from llmrec.config import from_dict
 
+        from safetensors import SafetensorError
+
         path = Path(path)
-        meta_file = path / "model.json"
+        meta_file, weights = path / "model.json", path / "weights.safetensors"
         if not meta_file.exists():
             raise FileNotFoundError(f"{meta_file}: no saved model here")
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except ValueError as e:
+            raise ValueError(f"{meta_file}: damaged model record ({e})") from None
         if meta.get("model") != cls.name:
             raise ValueError(f"{meta_file}: holds a {meta.get('model')!r} model, not {cls.name!r}")
         model = cls(from_dict(cls.Config, meta["config"], where=str(meta_file)), meta["n_items"])
-        model._load_state(load_file(str(path / "weights.safetensors")), meta["extra"])
+        try:
+            tensors = load_file(str(weights))
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{weights}: damaged or truncated weights ({e})") from None
+        bad = [k for k, v in tensors.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{weights}: tensor {bad[0]!r} holds NaN or infinite values (a diverged or damaged model)")
+        try:
+            model._load_state(tensors, meta["extra"])
+        except (RuntimeError, KeyError, ValueError) as e:  # shapes or names that do not fit the config
+            raise ValueError(f"{weights}: does not fit the model in {meta_file.name} ({str(e).splitlines()[0][:300]})") from None
         return model
 

@@ -7,6 +7,7 @@ naming the id; bad parameters 422 naming the field; bodies over the limit 413; n
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import time
@@ -59,6 +60,8 @@ def create_app(settings: ServeSettings | None = None, loaded: tuple[Shop, dict[s
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         shop, models = loaded if loaded is not None else load_models(settings)
         app.state.s = State(settings, shop, models)
+        gc.collect()
+        gc.freeze()  # the loaded models and catalog never become garbage: keep them out of every collection
         try:
             yield
         finally:

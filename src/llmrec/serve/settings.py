@@ -28,7 +28,8 @@ class ServeSettings(BaseSettings):
     max_history: int = Field(200, ge=1, le=10000)  # longest ad-hoc history a request may send
     max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies get 413
     microbatch: bool = True  # concurrent requests to one model share forward passes
-    batch_window_ms: float = Field(2.0, ge=0.0, le=100.0)  # how long a batch waits for more requests
+    # how long a batch waits for more requests; 0: it takes those that queued while the model was busy
+    batch_window_ms: float = Field(0.0, ge=0.0, le=100.0)
     batch_max: int = Field(256, ge=1)  # requests in one forward pass at most
 
     def db_url(self) -> str:
