@@ -275,12 +275,17 @@ def test_connection_error_raises_naming_the_url(tmp_path: Path) -> None:
 
 def test_complete_file_is_skipped_without_request(server: Server, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    for name in (f"{CATEGORY}.jsonl.gz", f"meta_{CATEGORY}.jsonl.gz"):
-        (out / name).write_bytes(b"already here")
     paths = download_category(CATEGORY, out, base_url=server.base_url, progress=False)
-    assert [p.read_bytes() for p in paths] == [b"already here"] * 2
+    n_requests = len(server.log)
+    assert download_category(CATEGORY, out, base_url=server.base_url, progress=False) == paths
+    assert len(server.log) == n_requests  # verified by the first call and unchanged: no request
+    for name in (f"{CATEGORY}.jsonl.gz", f"meta_{CATEGORY}.jsonl.gz"):
+        (out / name).write_bytes(b"already here")  # changed since: fetched and verified again
+    download_category(CATEGORY, out, base_url=server.base_url, progress=False)
+    assert len(server.log) > n_requests and (out / f"{CATEGORY}.jsonl.gz").read_bytes() != b"already here"
+    server.log.clear()
     dest = out / f"{CATEGORY}.jsonl.gz"
+    dest.write_bytes(b"already here")
     assert download_file(server.base_url + REVIEWS_PATH, dest, expected_size=12, progress=False) == dest
     assert server.log == []
     # the wrong size for an existing file means it is fetched again

@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", type=Path, nargs="+")
     p.add_argument("--on", choices=["test", "valid"], default=None)
     p.add_argument("--protocol", choices=["full", "sampled"], default=None)
-    p.add_argument("--negatives", type=int, default=None, help="negatives per user (sampled protocol)")
+    p.add_argument("--negatives", type=positive_int, default=None, help="negatives per user (sampled protocol)")
     p.add_argument("--sampling", choices=["uniform", "popularity"], default=None)
-    p.add_argument("--ks", default=None, help="comma-separated cut-offs, e.g. 5,10,20")
+    p.add_argument("--ks", type=cutoffs, default=None, help="comma-separated cut-offs >= 1, e.g. 5,10,20")
     p.add_argument("--include-seen", action="store_true", help="do not exclude history items from the ranking")
     p.add_argument("--prior-weight", default=None, metavar="W",
                    help="LLM models with a SASRec companion: score at prior weight W instead of the one chosen "
@@ -73,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "writes metrics.prior-W.json")
     _add_quiet(p)
 
-    p = sub.add_parser("recommend", help="top-K next products for users of the run's dataset")
+    p = sub.add_parser("recommend", help="top-K next products for users of the run's dataset, or for a history")
     p.add_argument("run", type=Path)
-    p.add_argument("--user", dest="users", action="append", required=True, help="raw user id (repeatable)")
-    p.add_argument("-k", "--k", type=int, default=10)
+    p.add_argument("--user", dest="users", action="append", default=[], help="raw user id (repeatable)")
+    p.add_argument("--history", type=item_list, default=None, metavar="ITEM,ITEM,...",
+                   help="raw item ids, oldest first: recommend for this history instead of a user's")
+    p.add_argument("-k", "--k", type=positive_int, default=10, help="how many (capped at the catalog size)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("demo", help="the main job: prepare, train baselines, evaluate, recommend")
@@ -99,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None, help="where the event database lives (default work/serve)")
     p.add_argument("--no-microbatch", action="store_true", help="score every request alone (for comparison)")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def cutoffs(text: str) -> list[int]:
+    """argparse type: comma-separated cut-offs >= 1 (``5,10,20``)."""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()] or [positive_int(text)]
+
+
+def item_list(text: str) -> list[str]:
+    """argparse type: comma-separated raw item ids."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("give at least one item id")
+    return items
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
@@ -175,7 +201,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         ecfg = run.config.eval
         changes = {k: v for k, v in {
             "on": args.on, "protocol": args.protocol, "n_negatives": args.negatives, "sampling": args.sampling,
-            "ks": [int(k) for k in args.ks.split(",")] if args.ks else None,
+            "ks": args.ks,
         }.items() if v is not None}
         if args.include_seen:
             changes["exclude_seen"] = False
@@ -200,7 +226,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_recommend(args: argparse.Namespace) -> None:
     from llmrec.runs import load_run, recommend_for_users
 
-    recs = recommend_for_users(load_run(args.run), args.users, k=args.k)
+    if bool(args.users) == (args.history is not None):
+        raise LlmrecError("recommend: give --user (repeatable) or --history, not both and not neither")
+    recs = recommend_for_users(load_run(args.run), args.users, k=args.k, history=args.history)
     if args.json:
         print(json.dumps(recs, indent=2))
         return
@@ -255,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     from llmrec.data.download import DownloadError
 
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error (or the help)
+        return int(e.code or 0)
     handlers = {"data": _cmd_data, "train": _cmd_train, "evaluate": _cmd_evaluate,
                 "recommend": _cmd_recommend, "demo": _cmd_demo, "serve": _cmd_serve}
     try:
@@ -266,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmrec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``llmrec recommend ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -20,12 +20,14 @@ checked.
 from __future__ import annotations
 
 import difflib
+import gzip
 import hashlib
 import http.client
 import os
 import re
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +196,41 @@ def _normalise_sha256(value: str, what: str) -> str:
 def _is_complete(dest: Path, expected_size: int | None, expected_sha256: str | None) -> bool:
     if expected_size is not None and dest.stat().st_size != expected_size:
         return False
-    return expected_sha256 is None or _sha256_of(dest) == expected_sha256
+    if expected_sha256 is not None:
+        return _sha256_of(dest) == expected_sha256
+    if expected_size is not None:
+        return True
+    # nothing to compare with: only a file this module verified, unchanged since
+    return _verified_marker(dest).is_file() and _verified_marker(dest).read_text() == _stamp(dest)
+
+
+def _verified_marker(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.verified")
+
+
+def _stamp(dest: Path) -> str:
+    st = dest.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def check_content(path: Path, what: str, gz: bool) -> None:
+    """Fail unless ``path`` holds what the destination's name says: a complete gzip stream when ``gz`` (every
+    byte is read: an HTML error page or a cut body is refused), JSON lines otherwise (no HTML page)."""
+    with path.open("rb") as fh:
+        head = fh.read(512)
+    if gz:
+        if head[:2] != b"\x1f\x8b":
+            kind = "an HTML page" if head.lstrip()[:1] == b"<" else "not gzip data"
+            raise DownloadError(f"{what}: the server sent {kind}, not the gzip file")
+        try:
+            with gzip.open(path, "rb") as gz:
+                while gz.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DownloadError(f"{what}: the gzip data is damaged or cut short ({exc})") from None
+    elif head.lstrip()[:1] not in (b"{", b""):
+        raise DownloadError(f"{what}: the server sent {'an HTML page' if head.lstrip()[:1] == b'<' else 'no JSON'}, "
+                            "not the file")
 
 
 def _open(url: str, headers: dict[str, str], timeout: float) -> http.client.HTTPResponse:
@@ -213,6 +249,7 @@ def _fetch_into_part(
     chunk_size: int,
     timeout: float,
     desc: str,
+    max_bytes: int = 1 << 40,
 ) -> int | None:
     """Fetch ``url`` into ``part`` (resuming at ``offset``); return the announced total size."""
     for _attempt in range(2):  # a second, plain request if the server mishandles the range
@@ -247,6 +284,8 @@ def _fetch_into_part(
                 body_size: int | None = content_range.end - content_range.start + 1
                 mode = "ab"
             elif status == 200:
+                if "html" in (response.headers.get("Content-Type") or "").lower():
+                    raise DownloadError(f"{url}: the server answered with an HTML page, not the file")
                 offset = 0  # the server ignored the range: start again from zero
                 total = _content_length(response.headers.get("Content-Length"))
                 body_size = total
@@ -279,6 +318,12 @@ def _fetch_into_part(
                         fh.write(block)
                         received += len(block)
                         bar.update(len(block))
+                        if offset + received > max_bytes:
+                            raise DownloadError(f"{url}: more than {max_bytes} bytes and still going (an endless "
+                                                "body?); stopped")
+            except DownloadError:
+                part.unlink(missing_ok=True)
+                raise
             except (OSError, http.client.HTTPException) as exc:
                 raise DownloadError(
                     f"download of {url} interrupted ({exc}); partial data kept in {part}, run again to resume"
@@ -300,11 +345,14 @@ def download_file(
     progress: bool = True,
     chunk_size: int = 1 << 20,
     timeout: float = 60,
+    max_bytes: int = 1 << 40,
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming a ``.part``), verify it, and return ``dest``.
 
     A file already at ``dest`` is kept as it is when it matches ``expected_size`` and
-    ``expected_sha256`` (those given); no request is made then. The size is checked against
+    ``expected_sha256`` (or, with neither, when this function verified it and it has not changed since);
+    no request is made then. The content must be what the name says (:func:`check_content`); a body over
+    ``max_bytes`` is stopped. The size is checked against
     the server's ``Content-Length``/``Content-Range`` total and ``expected_size``, the SHA-256
     against ``expected_sha256``; on a mismatch the ``.part`` is deleted and DownloadError is
     raised. A transfer cut short keeps its ``.part`` so that the next call resumes it.
@@ -324,7 +372,8 @@ def download_file(
         part.unlink()
         offset = 0
 
-    total = _fetch_into_part(url, part, offset, expected_size, progress, chunk_size, timeout, desc=dest.name)
+    total = _fetch_into_part(url, part, offset, expected_size, progress, chunk_size, timeout, desc=dest.name,
+                             max_bytes=expected_size or max_bytes)
 
     size = part.stat().st_size if part.is_file() else 0
     if total is not None and size != total:
@@ -340,7 +389,13 @@ def download_file(
             raise DownloadError(
                 f"{dest} from {url}: SHA-256 {actual} does not match the expected {expected_sha256}"
             )
+    try:
+        check_content(part, f"{dest} from {url}", gz=dest.suffix == ".gz")
+    except DownloadError:
+        part.unlink(missing_ok=True)
+        raise
     os.replace(part, dest)
+    _verified_marker(dest).write_text(_stamp(dest))
     return dest
 
 
@@ -377,7 +432,8 @@ def download_category(
 ) -> list[Path]:
     """Download the reviews (and metadata) of ``category`` into ``out_dir``; return the paths.
 
-    Files already in ``out_dir`` are skipped without any request. Otherwise, when
+    Files that an earlier call downloaded and verified, unchanged since, are skipped without any request;
+    anything else at the destination (an HTML error page, a cut file) is fetched again. When
     ``use_sidecar_checksums`` is set and the server has a ``<file>.sha256``, it is verified.
     """
     out_dir = Path(out_dir)
@@ -385,7 +441,7 @@ def download_category(
     paths: list[Path] = []
     for url, filename in category_urls(category, base_url=base_url, include_meta=include_meta):
         dest = out_dir / filename
-        if not dest.is_file():
+        if not (dest.is_file() and _is_complete(dest, None, None)):
             sha256 = fetch_sha256_sidecar(url) if use_sidecar_checksums else None
             download_file(url, dest, expected_sha256=sha256, progress=progress)
         paths.append(dest)

@@ -267,19 +267,37 @@ class CausalLMInterestExtractor(InterestExtractor):
 # --- OpenAI-compatible endpoint ----------------------------------------------------------------
 
 
+API_KEY_ENV = "OPENAI_API_KEY"  # the one variable the OpenAI-compatible extractor reads its key from
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect (the request carries the bearer key): surface it as an HTTPError."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
 class OpenAIInterestExtractor(InterestExtractor):
     """Interests from an OpenAI-compatible chat-completions endpoint.
 
-    ``url`` is the API base (``http://host:port/v1``) or the full ``.../chat/completions`` URL;
-    the key is read from the environment variable ``api_key_env`` at call time (no header when
-    it is unset, for local servers).
+    ``url`` is the API base (``http://host:port/v1``) or the full ``.../chat/completions`` URL. The key is
+    read only from the environment variable ``OPENAI_API_KEY`` at call time (no header when it is unset,
+    for local servers), and it goes to ``url`` alone: redirects are refused, not followed. Each request has
+    a total deadline (``deadline`` seconds, reading included: a server that drips bytes cannot hold it
+    longer) and an answer over ``max_bytes`` is refused.
     """
 
-    def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", n: int = 5,
-                 max_items: int = 10, max_tokens: int = 48, timeout: float = 60.0, retries: int = 2) -> None:
+    def __init__(self, url: str, model: str, api_key_env: str = API_KEY_ENV, n: int = 5,
+                 max_items: int = 10, max_tokens: int = 48, timeout: float = 60.0, retries: int = 2,
+                 deadline: float = 120.0, max_bytes: int = 1 << 20) -> None:
+        if api_key_env != API_KEY_ENV:
+            raise ValueError(f"the OpenAI-compatible extractor reads its key only from {API_KEY_ENV}, "
+                             f"not {api_key_env!r}")
         self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env, self.n, self.max_items = model, api_key_env, n, max_items
         self.max_tokens, self.timeout, self.retries = max_tokens, timeout, retries
+        self.deadline, self.max_bytes = deadline, max_bytes
+        self._opener = urllib.request.build_opener(_RefuseRedirects())
 
     @property
     def cache_id(self) -> str:
@@ -292,18 +310,40 @@ class OpenAIInterestExtractor(InterestExtractor):
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         last: Exception | None = None
+        start = time.monotonic()
         for attempt in range(self.retries + 1):
+            left = self.deadline - (time.monotonic() - start)
+            if left <= 0:
+                break
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read().decode())
+                with self._opener.open(req, timeout=min(self.timeout, left)) as resp:
+                    return json.loads(self._read(resp, start).decode())
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    raise RuntimeError(f"{self.url}: answered with a redirect (HTTP {e.code}); the key is never "
+                                       "sent elsewhere: point openai_url at the final address") from None
                 if e.code < 500 and e.code != 429:
-                    raise RuntimeError(f"{self.url}: HTTP {e.code}: {e.read()[:300]!r}") from None
+                    raise RuntimeError(f"{self.url}: HTTP {e.code}: {e.read(300)!r}") from None
                 last = e
-            except (urllib.error.URLError, TimeoutError) as e:
+            except (urllib.error.URLError, TimeoutError, OSError) as e:
                 last = e
-            time.sleep(0.5 * 2**attempt)
-        raise RuntimeError(f"{self.url}: request failed after {self.retries + 1} attempts: {last}")
+            except ValueError as e:
+                raise RuntimeError(f"{self.url}: the answer is not JSON ({e})") from None
+            time.sleep(min(0.5 * 2**attempt, max(0.0, self.deadline - (time.monotonic() - start))))
+        raise RuntimeError(f"{self.url}: no answer within {self.deadline:.0f} s after {attempt + 1} attempts: {last}")
+
+    def _read(self, resp: Any, start: float) -> bytes:
+        """The body, read in pieces under the total deadline and the size cap."""
+        body = bytearray()
+        while True:
+            if time.monotonic() - start > self.deadline:
+                raise TimeoutError(f"the answer did not complete within {self.deadline:.0f} s")
+            chunk = resp.read1(65536)
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > self.max_bytes:
+                raise RuntimeError(f"{self.url}: answer over {self.max_bytes} bytes, refused")
 
     def extract(self, histories: Sequence[History]) -> list[list[str]]:
         out = []

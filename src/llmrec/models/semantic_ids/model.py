@@ -151,6 +151,9 @@ class SemanticIDConfig(CompanionKeys):
         if self.collab_weight <= 0:
             raise ValueError("collab_weight must be > 0")
         self.check_companion()
+        if self.openai_api_key_env != "OPENAI_API_KEY":
+            raise ValueError("openai_api_key_env: the key is read only from OPENAI_API_KEY (a config cannot choose "
+                             "which environment variable is sent)")
         if self.interests == "openai" and self.use_interests and not (self.openai_url and self.openai_model):
             raise ValueError("interests='openai' needs openai_url and openai_model")
 
