@@ -293,3 +293,32 @@ def test_complete_file_is_skipped_without_request(server: Server, tmp_path: Path
     download_file(server.base_url + REVIEWS_PATH, dest, expected_size=len(body), progress=False)
     assert dest.read_bytes() == body
     assert len(server.log) == 1
+
+
+
+def test_an_html_error_page_is_not_kept_as_the_file(server: Server, tmp_path: Path) -> None:
+    server.files[REVIEWS_PATH] = b"<!doctype html><html><body>Service unavailable</body></html>"
+    dest = tmp_path / "reviews.jsonl.gz"
+    with pytest.raises(DownloadError, match="HTML page"):
+        download_file(server.base_url + REVIEWS_PATH, dest, progress=False)
+    assert not dest.exists() and not _part(dest).exists()
+
+
+def test_a_cut_gzip_without_length_is_not_kept(server: Server, tmp_path: Path) -> None:
+    server.files[REVIEWS_PATH] = server.files[REVIEWS_PATH][:-40]  # the end of the stream is missing
+    server.send_length = False  # and nothing says how long the body should have been
+    dest = tmp_path / "reviews.jsonl.gz"
+    with pytest.raises(DownloadError, match="damaged or cut short"):
+        download_file(server.base_url + REVIEWS_PATH, dest, progress=False)
+    assert not dest.exists()
+    # ... and a later call does not skip it as finished
+    with pytest.raises(DownloadError):
+        download_category(CATEGORY, tmp_path / "out", base_url=server.base_url, progress=False)
+
+
+def test_an_endless_body_is_stopped(server: Server, tmp_path: Path) -> None:
+    server.send_length = False
+    dest = tmp_path / "reviews.jsonl.gz"
+    with pytest.raises(DownloadError, match="still going"):
+        download_file(server.base_url + REVIEWS_PATH, dest, progress=False, max_bytes=1000)
+    assert not dest.exists() and not _part(dest).exists()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
@@ -109,8 +110,8 @@ def fake_server() -> Iterator[str]:
 
 def test_openai_extractor_against_fake_server(fake_server: str, monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
-    monkeypatch.setenv("FAKE_KEY", "sk-test-123")
-    ex = OpenAIInterestExtractor(fake_server, "fake-model", api_key_env="FAKE_KEY")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+    ex = OpenAIInterestExtractor(fake_server, "fake-model")
     got = ex.extract([HIST, HIST[:1]])
     assert got[0][:2] == ["gel pens", "notebooks"]
     assert len(_FakeOpenAI.requests) == 2
@@ -123,13 +124,13 @@ def test_openai_extractor_against_fake_server(fake_server: str, monkeypatch: pyt
     cached = CachedExtractor(ex, directory=tmp_path / "cache")
     first = cached.extract([HIST, HIST, HIST[:2]])
     assert len(_FakeOpenAI.requests) == 4  # two distinct histories, computed once each
-    again = CachedExtractor(OpenAIInterestExtractor(fake_server, "fake-model", api_key_env="FAKE_KEY"),
+    again = CachedExtractor(OpenAIInterestExtractor(fake_server, "fake-model"),
                             directory=tmp_path / "cache").extract([HIST[:2], HIST])
     assert len(_FakeOpenAI.requests) == 4  # served from disk by a fresh cache object
     assert again == [first[2], first[0]]
 
-    monkeypatch.delenv("FAKE_KEY")
-    OpenAIInterestExtractor(fake_server + "/chat/completions", "fake-model", api_key_env="FAKE_KEY").extract([HIST])
+    monkeypatch.delenv("OPENAI_API_KEY")
+    OpenAIInterestExtractor(fake_server + "/chat/completions", "fake-model").extract([HIST])
     assert _FakeOpenAI.auth[-1] is None  # no key in the environment: no header
     with pytest.raises(RuntimeError, match="HTTP 400"):
         OpenAIInterestExtractor(fake_server, "broken").extract([HIST])
@@ -162,3 +163,81 @@ def test_local_llm_extractor() -> None:
     got = ex.extract([HIST, HIST[:1]])
     assert len(got) == 2 and all(len(g) <= 5 for g in got) and any(got)
     assert ex.stats["new_tokens"] > 0 and np.isfinite(ex.stats["seconds"])
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """Redirects (to a second server that records what reaches it), drips, or sends a huge answer."""
+
+    mode: ClassVar[str] = "redirect"
+    target: ClassVar[str] = ""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path.startswith("/elsewhere"):
+            type(self).reached = self.headers.get("Authorization")  # type: ignore[attr-defined]
+            self.send_response(200)
+            self.end_headers()
+            return
+        if self.mode == "redirect":
+            self.send_response(307)
+            self.send_header("Location", self.target + "/elsewhere/chat/completions")
+            self.end_headers()
+        elif self.mode == "drip":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(60):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:
+                pass
+        else:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"x": "' + b"a" * 3_000_000 + b'"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def hostile() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    server.daemon_threads = True
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    _Hostile.target, _Hostile.reached = url, None  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_extractor_never_follows_a_redirect_with_the_key(hostile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    _Hostile.mode = "redirect"
+    with pytest.raises(RuntimeError, match="redirect"):
+        OpenAIInterestExtractor(hostile + "/v1", "m", retries=0).extract([HIST])
+    assert _Hostile.reached is None  # type: ignore[attr-defined]
+
+
+def test_openai_extractor_has_a_total_deadline_and_a_size_cap(hostile: str) -> None:
+    _Hostile.mode = "drip"
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="no answer within"):
+        OpenAIInterestExtractor(hostile + "/v1", "m", timeout=2.0, deadline=1.0, retries=3).extract([HIST])
+    assert time.monotonic() - t0 < 4.0  # a byte every 0.1 s cannot hold it for the 6 s it would take
+    _Hostile.mode = "huge"
+    with pytest.raises(RuntimeError, match="over 1048576 bytes"):
+        OpenAIInterestExtractor(hostile + "/v1", "m", retries=0).extract([HIST])
+
+
+def test_openai_key_comes_only_from_the_documented_variable() -> None:
+    with pytest.raises(ValueError, match="only from OPENAI_API_KEY"):
+        OpenAIInterestExtractor("http://127.0.0.1:1/v1", "m", api_key_env="AWS_SECRET_ACCESS_KEY")
+    from llmrec.models.semantic_ids.model import SemanticIDConfig
+
+    with pytest.raises(ValueError, match="only from OPENAI_API_KEY"):
+        SemanticIDConfig(openai_api_key_env="HOME")
