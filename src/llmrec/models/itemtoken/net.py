@@ -4,6 +4,8 @@ kept in separate small matrices, and the helpers that build it."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -141,9 +143,10 @@ class ItemTokenNet(nn.Module):
         Right-padded (or unpadded) ``ids`` need no mask (attention is causal); left-padded ones
         (batched generation) pass ``attention_mask`` (B, L_past + L) and ``position_ids`` (B, L).
         """
-        out = self._decoder(inputs_embeds=self.embed(ids), past_key_values=past_key_values, use_cache=use_cache,
+        kw = _cache_kw(self._decoder)
+        out = self._decoder(inputs_embeds=self.embed(ids), **{kw: past_key_values}, use_cache=use_cache,
                             attention_mask=attention_mask, position_ids=position_ids)
-        return out.last_hidden_state, out.past_key_values if use_cache else None
+        return out.last_hidden_state, getattr(out, kw) if use_cache else None
 
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., H) -> (..., R) logits over the item rows."""
@@ -187,3 +190,14 @@ def title_rows(weight: torch.Tensor, token_lists: Sequence[Sequence[int]], n_tok
     fallback = weight.mean(dim=0)
     rows = [weight[torch.tensor(list(t)[:n_tokens])].mean(dim=0) if len(t) else fallback for t in token_lists]
     return torch.stack(rows) if rows else weight[:0]
+
+
+@functools.cache
+def _cache_kw_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_kw(decoder: nn.Module) -> str:
+    """The name under which ``decoder.forward`` takes the key/value cache: ``cache`` (transformers >= 5.2x,
+    where ``past_key_values`` is deprecated and warns on every call) or ``past_key_values``."""
+    return _cache_kw_of(type(decoder))
