@@ -164,8 +164,8 @@ def main() -> None:
         "machine": machine, "models": {n: MODELS[n] for n in args.models.split(",")}, "targets": targets, "rows": rows,
     }, indent=2))
     md = ["# `llmrec serve` under load (loopback, one worker, wrk -t1 on the same 2 cores)", "",
-          f"`GET /users/{{id}}/recommend?k=10` for random Office users, {args.seconds} s per cell; "
-          "the semantic-ID run is a small one trained for throughput, not accuracy.", "",
+          (f"`GET /users/{{id}}/recommend?k=10` for random Office users, {args.seconds} s per cell; "
+           "the semantic-ID run is a small one trained for throughput, not accuracy."), "",
           "| model | micro-batching | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | mean batch |",
           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {r['model']} | {'on' if r['microbatch'] else 'off'} | {r['concurrency']} | {r['requests_per_s']:.0f} | "

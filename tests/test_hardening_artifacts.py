@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_cycle_source
 from safetensors.numpy import load_file, save_file
 
 from llmrec.cli import main
@@ -21,8 +22,6 @@ from llmrec.data.dataset import Dataset
 from llmrec.errors import DataError, LlmrecError
 from llmrec.fsutil import output_lock, remove_stale_temporaries
 from llmrec.runs import load_run
-
-from conftest import write_cycle_source
 
 SASREC = ["--set", "model.params.max_epochs=2", "--set", "model.params.hidden_size=16", "--set", "model.params.n_heads=1"]
 
@@ -127,7 +126,7 @@ def test_force_keeps_the_old_run_until_the_new_one_is_complete(run: Path, datase
 
 def test_stale_temporaries_of_killed_writers_are_removed(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     pid = int(dead.stdout)
     stale = [tmp_path / f".ds.tmp-{pid}-abc", tmp_path / f".ds.old-{pid}"]
     stale[0].mkdir()

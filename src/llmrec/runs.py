@@ -27,7 +27,7 @@ from llmrec.data.splits import EvalSet, Split, leave_one_out, ratio, temporal
 from llmrec.errors import LlmrecError
 from llmrec.eval.protocol import EvalResult, evaluate_full, evaluate_sampled
 from llmrec.eval.report import write_metrics_json
-from llmrec.fsutil import output_lock
+from llmrec.fsutil import atomic_write_text, output_lock
 from llmrec.models.base import Recommender
 from llmrec.models.collab import set_prior
 from llmrec.models.registry import build_model, model_class
@@ -216,9 +216,7 @@ def _finish_run(model: Recommender, record: dict[str, Any], work: Path, out: Pat
         elif target.exists():
             target.unlink()
     model.save(work / "model")
-    tmp = work / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(work / "run.json")
+    atomic_write_text(work / "run.json", json.dumps(record, indent=2, default=str))
     Checkpoint(work, {}).remove()
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists() or out.is_symlink():

@@ -223,8 +223,8 @@ def check_content(path: Path, what: str, gz: bool) -> None:
             kind = "an HTML page" if head.lstrip()[:1] == b"<" else "not gzip data"
             raise DownloadError(f"{what}: the server sent {kind}, not the gzip file")
         try:
-            with gzip.open(path, "rb") as gz:
-                while gz.read(1 << 24):
+            with gzip.open(path, "rb") as stream:
+                while stream.read(1 << 24):
                     pass
         except (OSError, EOFError, zlib.error) as exc:
             raise DownloadError(f"{what}: the gzip data is damaged or cut short ({exc})") from None

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import numpy as np
 from scipy import stats
 
 from llmrec.eval.protocol import EvalResult
+from llmrec.fsutil import atomic_write_text
 
 MISSING = "-"
 """Cell text for a metric a row does not have."""
@@ -100,16 +99,7 @@ def write_metrics_json(path: str | Path, result: EvalResult, extra: dict[str, An
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**result.to_json(), "extra": _plain(extra or {})}
     text = json.dumps(payload, indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def read_metrics_json(path: str | Path) -> tuple[EvalResult, dict[str, Any]]:

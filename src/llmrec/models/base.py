@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 from llmrec.data.splits import PAD_ITEM, Feedback, Split
+from llmrec.fsutil import atomic_path, atomic_write_text
 from llmrec.models.train.progress import batch_starts
 
 
@@ -156,22 +157,18 @@ class Recommender(ABC):
         path.mkdir(parents=True, exist_ok=True)
         tensors, extra = self._state()
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-        tmp = path / "weights.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(path / "weights.safetensors")
+        with atomic_path(path / "weights.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         meta = {"model": self.name, "n_items": self.n_items, "config": asdict(self.config), "extra": extra}
-        tmp_json = path / "model.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=2))
-        tmp_json.replace(path / "model.json")
+        atomic_write_text(path / "model.json", json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
         """Load a model saved by :meth:`save` (the class must match ``model.json``)."""
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         from llmrec.config import from_dict
-
-        from safetensors import SafetensorError
 
         path = Path(path)
         meta_file, weights = path / "model.json", path / "weights.safetensors"

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from llmrec.data.splits import Split, hash_split_into
+from llmrec.fsutil import atomic_path
 from llmrec.models.sasrec import SASRec, SASRecConfig
 from llmrec.models.train import is_main_process
 
@@ -142,10 +141,8 @@ def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors, _ = model._state()
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_path(path) as tmp, tmp.open("wb") as f:
                 np.savez(f, __info__=np.array(json.dumps(info)), **tensors)
-            os.replace(tmp, path)
         except OSError:  # a read-only cache must not stop training
             pass
     return model, {**info, "cached": False}

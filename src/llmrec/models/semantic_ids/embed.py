@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from llmrec.cache import cache_root
+from llmrec.fsutil import atomic_path
 from llmrec.models.train.progress import progress_shown
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -178,10 +177,8 @@ class EmbeddingCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             name = hashlib.sha256(keys.tobytes()).hexdigest()[:24] + ".npz"
-            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_path(self.dir / name) as tmp, tmp.open("wb") as f:
                 np.savez(f, keys=keys, vectors=vecs)
-            os.replace(tmp, self.dir / name)
             self._loaded.add(name)
         except OSError:  # a read-only cache must not stop the computation
             return

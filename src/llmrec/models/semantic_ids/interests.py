@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmrec.cache import cache_root
+from llmrec.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
     from llmrec.models.amp import Amp
@@ -403,10 +403,7 @@ class CachedExtractor(InterestExtractor):
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             name = hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()[:24] + ".json"
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
-            os.replace(tmp, self.directory / name)
+            atomic_write_text(self.directory / name, json.dumps(entries))
             self._loaded.add(name)
         except OSError:
             return
