@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +230,49 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(client: TestClient) 
             assert r.status_code < 500, (kwargs, r.text)
 
         no_5xx()
+
+
+def test_several_workers_share_the_event_store(served_runs: dict[str, Path], tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmrec.serve.store import EventStore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llmrec.cli", "serve", str(served_runs["itemknn"]), "--port", str(port),
+                             "--workers", "2", "--workdir", str(tmp_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(base + "/health/ready", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.3)
+
+        def post(i: int) -> int:
+            body = json.dumps({"session_id": "shared", "item_id": f"item-{i % 20}", "kind": "view"}).encode()
+            req = urllib.request.Request(base + "/events", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(post, range(60))) == {201}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert EventStore(f"sqlite:///{tmp_path / 'events.db'}").count(session_id="shared") == 60
+
+
+def test_serve_command_stops_on_a_run_that_cannot_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmrec.cli import main
+
+    assert main(["serve", str(tmp_path / "no-such-run")]) == 2
+    assert "cannot load run" in capsys.readouterr().err
