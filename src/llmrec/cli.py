@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-core", type=int, default=0, help="iterative k-core on users and items (0 = off)")
     p.add_argument("--min-history", type=int, default=0, help="drop users with fewer interactions")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed line")
+    p.add_argument("--memory-limit", default="2GB", help="DuckDB's memory limit (it spills to disk beyond it)")
+    p.add_argument("--engine", choices=["duckdb", "numpy"], default="duckdb",
+                   help="where dedup and k-core run (numpy: the in-memory reference path)")
     p.add_argument("--force", action="store_true", help="replace an existing dataset directory")
     _add_quiet(p)
     p = dsub.add_parser("stats", help="print a dataset's statistics")
@@ -133,7 +136,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
         cfg = PrepareConfig(format=args.format, verified_only=args.verified_only, min_rating=args.min_rating,
                             dedup=not args.no_dedup, k_core=args.k_core, min_history=args.min_history,
-                            strict=args.strict)
+                            strict=args.strict, memory_limit=args.memory_limit, engine=args.engine)
         manifest = prepare_dataset(args.source, args.out, cfg, meta=args.meta, overwrite=args.force,
                                    progress=not args.quiet)
         for rep in manifest["parse_reports"]:

@@ -67,14 +67,19 @@ def history_stats(lengths: np.ndarray) -> dict[str, Any]:
 
 def compute_stats(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> dict[str, Any]:
     """Counts, density and history length distribution of an interaction log."""
-    n = len(users)
+    return stats_from_counts(np.bincount(users, minlength=n_users), np.bincount(items, minlength=n_items))
+
+
+def stats_from_counts(per_user: np.ndarray, per_item: np.ndarray) -> dict[str, Any]:
+    """:func:`compute_stats` from the interactions of each user (n_users,) and of each item (n_items,)."""
+    n_users, n_items, n = len(per_user), len(per_item), int(np.sum(per_user))
     return {
         "users": n_users,
         "items": n_items,
         "interactions": n,
         "density": n / (n_users * n_items) if n_users and n_items else 0.0,
-        "history_length": history_stats(np.bincount(users, minlength=n_users)) if n else history_stats(np.empty(0)),
-        "item_popularity": history_stats(np.bincount(items, minlength=n_items)) if n else history_stats(np.empty(0)),
+        "history_length": history_stats(per_user) if n else history_stats(np.empty(0)),
+        "item_popularity": history_stats(per_item) if n else history_stats(np.empty(0)),
     }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from llmrec.data.dataset import compute_stats, fingerprint
+from llmrec.data.dataset import stats_from_counts
 from llmrec.data.filters import first_occurrence_mask, kcore_mask
 from llmrec.data.readers import FORMATS, ParseReport, _run, _sql_str, stage_items, stage_reviews
 from llmrec.errors import DataError
@@ -43,8 +43,9 @@ class PrepareConfig:
     k_core: int = 0
     min_history: int = 0
     strict: bool = False
-    memory_limit: str = "2GB"
+    memory_limit: str = "2GB"  # DuckDB's limit; it spills to the work folder beyond it
     threads: int = 2
+    engine: Literal["duckdb", "numpy"] = "duckdb"  # numpy: dedup and k-core on in-memory arrays (the reference)
 
 
 def _first_existing(folder: Path, names: list[str]) -> Path | None:
@@ -214,53 +215,19 @@ def _build(
               "FROM (SELECT DISTINCT user_id FROM keys)")
     _run(con, "CREATE TABLE imap0 AS SELECT item_id, row_number() OVER (ORDER BY item_id) - 1 AS i0 "
               "FROM (SELECT DISTINCT item_id FROM keys)")
-    # Chronological order within each user: timestamp, then position in the source. DuckDB sorts
-    # (in parallel, spilling if it must) faster than np.lexsort over the fetched columns.
-    arrays = con.execute(
-        "SELECT u0, i0, line_no, pos FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id) "
-        "ORDER BY u0, ts NULLS LAST, line_no, pos"
-    ).fetchnumpy()
     bar.update()
-
     bar.set_postfix_str("dedup and k-core")
-    u0 = np.asarray(arrays["u0"], dtype=np.int64)
-    i0 = np.asarray(arrays["i0"], dtype=np.int64)
-    line_no = np.asarray(arrays["line_no"], dtype=np.int64)
-    pos = np.asarray(arrays["pos"], dtype=np.int64)
-    del arrays
-    keep = first_occurrence_mask(u0, i0) if cfg.dedup else np.ones(len(u0), dtype=bool)
-    n_after_dedup = int(keep.sum())
-    k_user = max(cfg.k_core, cfg.min_history)
-    if k_user > 0:
-        idx = np.flatnonzero(keep)
-        sub = kcore_mask(u0[idx], i0[idx], k_user, cfg.k_core)
-        keep[idx[~sub]] = False
-    n_final = int(keep.sum())
+    select = _select_duckdb if cfg.engine == "duckdb" else _select_numpy
+    n_after_dedup, n_final, n_users, n_items = select(con, cfg)
     if n_final == 0:
         raise DataError(
             f"{reviews_path}: no interactions left after k-core (k_core={cfg.k_core}, "
             f"min_history={cfg.min_history}); lower them"
         )
-    user_codes, users = np.unique(u0[keep], return_inverse=True)
-    item_codes, items = np.unique(i0[keep], return_inverse=True)
-    users, items = users.astype(np.int64), items.astype(np.int64)
-    n_users, n_items = len(user_codes), len(item_codes)
-    starts = np.searchsorted(users, np.arange(n_users))
-    position = np.arange(n_final) - starts[users]
-    kept = pa.table({
-        "line_no": pa.array(line_no[keep]), "pos": pa.array(pos[keep]),
-        "user": pa.array(users.astype(np.int32)), "item": pa.array(items.astype(np.int32)),
-        "order": pa.array(position.astype(np.int32)),
-    })
-    codes = pa.table({"u0": pa.array(user_codes), "user": pa.array(np.arange(n_users, dtype=np.int32))})
-    icodes = pa.table({"i0": pa.array(item_codes), "item": pa.array(np.arange(n_items, dtype=np.int32))})
-    del u0, i0, line_no, pos, keep
+    bar.set_postfix_str(f"{n_after_filters:,} -> dedup {n_after_dedup:,} -> k-core {n_final:,}")
     bar.update()
 
     bar.set_postfix_str("writing")
-    con.register("kept", kept)
-    con.register("ucodes", codes)
-    con.register("icodes", icodes)
     _run(con, "CREATE TABLE umap AS SELECT user, user_id FROM ucodes JOIN umap0 USING (u0)")
     _run(con, "CREATE TABLE imap AS SELECT item, item_id FROM icodes JOIN imap0 USING (i0)")
     cols = ["kept.user AS user", "kept.item AS item", 'kept."order" AS "order"']
@@ -290,10 +257,10 @@ def _build(
             f"SELECT count(*) FROM imap SEMI JOIN read_parquet({_sql_str(meta_raw)}) m USING (item_id)",
         )[0][0])
         if n_meta_matched == 0:
-            raise DataError(f"{meta_path}: none of its item ids matches any of the {len(item_codes)} items of "
+            raise DataError(f"{meta_path}: none of its item ids matches any of the {n_items} items of "
                             f"{reviews_path}; is it the metadata of another category? (pass the right one with --meta)")
-        if n_meta_matched < len(item_codes):
-            notes.append(f"metadata: {len(item_codes) - n_meta_matched} of {len(item_codes)} items have no "
+        if n_meta_matched < n_items:
+            notes.append(f"metadata: {n_items - n_meta_matched} of {n_items} items have no "
                          "metadata record (their title is their id)")
     else:
         notes.append("no metadata file: items have no text fields")
@@ -303,9 +270,7 @@ def _build(
                             CAST(NULL AS VARCHAR[]) AS categories, CAST(NULL AS VARCHAR) AS description
                      FROM imap ORDER BY item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
         )
-    for name in ("kept", "ucodes", "icodes"):
-        con.unregister(name)
-    stats = compute_stats(users, items, n_users, n_items)
+    stats, fp = _stats_and_fingerprint(con, out / "interactions.parquet", n_users, n_items)
     manifest: dict[str, Any] = {
         "format": fmt,
         "source": {"interactions": str(reviews_path), "metadata": str(meta_path) if meta_path else None},
@@ -319,7 +284,7 @@ def _build(
         },
         "columns": {"timestamp": bool(has_ts), "rating": bool(has_rating), "review": bool(has_review)},
         "notes": notes,
-        "fingerprint": fingerprint(users, items),
+        "fingerprint": fp,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -335,3 +300,105 @@ def safe_source(path: Path, work: Path, name: str) -> Path:
     link = work / f"{name}{''.join(path.suffixes[-2:])}"
     link.symlink_to(path.resolve())
     return link
+
+
+# --- dedup, k-core and re-coding: in DuckDB (memory set by its limit), or in numpy (the reference) ----------
+# Both read table ``keys`` and the raw-id code tables ``umap0`` / ``imap0`` and leave tables ``kept`` (line_no,
+# pos, user, item, order), ``ucodes`` (u0 -> user) and ``icodes`` (i0 -> item); they give the same dataset.
+
+_CHRONO = "ts NULLS LAST, line_no, pos"  # a user's order: time, then place in the source
+
+
+def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
+    """(rows after dedup, rows after k-core, users, items), every stage a DuckDB statement that spills."""
+    _run(con, "CREATE TABLE coded AS SELECT u0, i0, line_no, pos, ts FROM keys JOIN umap0 USING (user_id) "
+              "JOIN imap0 USING (item_id)")
+    if cfg.dedup:  # the first of each (user, item) pair in the user's chronological order
+        _run(con, f"CREATE TABLE cur AS SELECT * FROM coded "
+                  f"QUALIFY row_number() OVER (PARTITION BY u0, i0 ORDER BY {_CHRONO}) = 1")
+        _run(con, "DROP TABLE coded")
+    else:
+        _run(con, "ALTER TABLE coded RENAME TO cur")
+    n = n_after_dedup = int(_run(con, "SELECT count(*) FROM cur")[0][0])
+    k_user = max(cfg.k_core, cfg.min_history)
+    while k_user > 0 or cfg.k_core > 0:  # iterative k-core: drop thin users and items until nothing changes
+        _run(con, f"""CREATE OR REPLACE TABLE nxt AS SELECT * FROM cur
+                      WHERE u0 IN (SELECT u0 FROM cur GROUP BY u0 HAVING count(*) >= {k_user})
+                        AND i0 IN (SELECT i0 FROM cur GROUP BY i0 HAVING count(*) >= {cfg.k_core})""")
+        m = int(_run(con, "SELECT count(*) FROM nxt")[0][0])
+        _run(con, "DROP TABLE cur")
+        _run(con, "ALTER TABLE nxt RENAME TO cur")
+        if m == n:
+            break
+        n = m
+    _run(con, "CREATE TABLE ucodes AS SELECT u0, CAST(row_number() OVER (ORDER BY u0) - 1 AS INTEGER) AS user "
+              "FROM (SELECT DISTINCT u0 FROM cur)")
+    _run(con, "CREATE TABLE icodes AS SELECT i0, CAST(row_number() OVER (ORDER BY i0) - 1 AS INTEGER) AS item "
+              "FROM (SELECT DISTINCT i0 FROM cur)")
+    _run(con, f"""CREATE TABLE kept AS SELECT line_no, pos, user, item,
+                     CAST(row_number() OVER (PARTITION BY user ORDER BY {_CHRONO}) - 1 AS INTEGER) AS "order"
+                  FROM cur JOIN ucodes USING (u0) JOIN icodes USING (i0)""")
+    _run(con, "DROP TABLE cur")
+    n_users = int(_run(con, "SELECT count(*) FROM ucodes")[0][0])
+    n_items = int(_run(con, "SELECT count(*) FROM icodes")[0][0])
+    return n_after_dedup, n, n_users, n_items
+
+
+def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
+    """The same as :func:`_select_duckdb` with every interaction in numpy arrays (memory grows with the input)."""
+    arrays = con.execute(
+        "SELECT u0, i0, line_no, pos FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id) "
+        f"ORDER BY u0, {_CHRONO}"
+    ).fetchnumpy()
+    u0 = np.asarray(arrays["u0"], dtype=np.int64)
+    i0 = np.asarray(arrays["i0"], dtype=np.int64)
+    line_no = np.asarray(arrays["line_no"], dtype=np.int64)
+    pos = np.asarray(arrays["pos"], dtype=np.int64)
+    del arrays
+    keep = first_occurrence_mask(u0, i0) if cfg.dedup else np.ones(len(u0), dtype=bool)
+    n_after_dedup = int(keep.sum())
+    k_user = max(cfg.k_core, cfg.min_history)
+    if k_user > 0:
+        idx = np.flatnonzero(keep)
+        sub = kcore_mask(u0[idx], i0[idx], k_user, cfg.k_core)
+        keep[idx[~sub]] = False
+    n_final = int(keep.sum())
+    user_codes, users = np.unique(u0[keep], return_inverse=True)
+    item_codes, items = np.unique(i0[keep], return_inverse=True)
+    users, items = users.astype(np.int64), items.astype(np.int64)
+    starts = np.searchsorted(users, np.arange(len(user_codes)))
+    position = np.arange(n_final) - starts[users]
+    kept = pa.table({
+        "line_no": pa.array(line_no[keep]), "pos": pa.array(pos[keep]),
+        "user": pa.array(users.astype(np.int32)), "item": pa.array(items.astype(np.int32)),
+        "order": pa.array(position.astype(np.int32)),
+    })
+    for name, table in (("kept", kept),
+                        ("ucodes", pa.table({"u0": user_codes, "user": np.arange(len(user_codes), dtype=np.int32)})),
+                        ("icodes", pa.table({"i0": item_codes, "item": np.arange(len(item_codes), dtype=np.int32)}))):
+        con.register(f"{name}_arrow", table)
+        _run(con, f"CREATE TABLE {name} AS SELECT * FROM {name}_arrow")
+        con.unregister(f"{name}_arrow")
+    return n_after_dedup, n_final, len(user_codes), len(item_codes)
+
+
+def _stats_and_fingerprint(con: duckdb.DuckDBPyConnection, interactions: Path, n_users: int,
+                           n_items: int) -> tuple[dict[str, Any], str]:
+    """``stats.json`` (from per-user and per-item counts, small) and the fingerprint, streamed from the
+    written ``interactions.parquet`` (user codes, then item codes, int32, in row order) in bounded memory."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    per_user = np.zeros(n_users, dtype=np.int64)
+    per_item = np.zeros(n_items, dtype=np.int64)
+    for (u, c) in _run(con, f"SELECT user, count(*) FROM read_parquet({_sql_str(interactions)}) GROUP BY user"):
+        per_user[u] = c
+    for (i, c) in _run(con, f"SELECT item, count(*) FROM read_parquet({_sql_str(interactions)}) GROUP BY item"):
+        per_item[i] = c
+    h = hashlib.sha256()
+    source = pq.ParquetFile(interactions)
+    for column in ("user", "item"):
+        for batch in source.iter_batches(batch_size=1 << 20, columns=[column]):
+            h.update(np.ascontiguousarray(batch.column(0).to_numpy(), dtype=np.int32).tobytes())
+    return stats_from_counts(per_user, per_item), h.hexdigest()[:16]
