@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import _run_child  # noqa: E402  (the same child runner and RSS measurement)
+from ingest import _run_child  # the same child runner and RSS measurement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_RATE, TARGET_RSS = 200_000, int(2.5 * 1024**3)

@@ -10,10 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_data import review23, write_lines
 
 from llmrec.data.prepare import PrepareConfig, prepare_dataset
-
-from test_data import review23, write_lines
 
 
 def prepared(src: Path, out: Path, engine: str, **cfg: object) -> dict:
