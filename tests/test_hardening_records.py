@@ -166,6 +166,7 @@ def test_fuzz_readers_report_every_bad_line_or_fail_cleanly(tmp_path_factory: py
             if changed != lines[idx]:
                 lines[idx] = changed
                 bad.add(idx + 1)
+    bad = {b for b in bad if lines[b - 1].strip()}  # a line truncated to nothing is a blank line: skipped, not bad
     src = tmp / "Toys.jsonl.gz"
     src.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     out = tmp / "ds"
@@ -173,7 +174,8 @@ def test_fuzz_readers_report_every_bad_line_or_fail_cleanly(tmp_path_factory: py
     if code == 0:
         manifest = json.loads((out / "manifest.json").read_text())
         report = manifest["parse_reports"][0]
-        assert report["bad_lines"] == len(bad) and {e[0] for e in report["examples"]} == set(sorted(bad)[:20])
+        assert report["bad_lines"] == len(bad) and {e[0] for e in report["examples"]} == set(sorted(bad)[:20]), \
+            (n, hits, lines)
         assert not strict or not bad
     else:
         assert code == 2

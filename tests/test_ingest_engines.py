@@ -60,3 +60,29 @@ def test_a_k_core_cascade_is_followed_to_its_end(tmp_path: Path) -> None:
         manifest = prepared(src, tmp_path / engine, engine, k_core=2)
         assert manifest["counts"]["final"] == 4
     same_dataset(tmp_path / "duckdb", tmp_path / "numpy")
+
+
+def test_several_category_files_make_one_dataset(tmp_path: Path) -> None:
+    from llmrec.cli import main
+    from test_data import histories
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    toys = [review23("U1", "T1", 1_600_000_000_000, "a"), review23("U2", "T2", 1_600_000_000_001, "b")]
+    books = [review23("U1", "B1", 1_599_000_000_000, "c"), review23("U3", "B2", 1_600_000_000_002, "d")]
+    write_lines(raw / "Toys.jsonl.gz", toys)
+    write_lines(raw / "Books.jsonl.gz", books)
+    write_lines(raw / "meta_Toys.jsonl.gz", [{"parent_asin": "T1", "title": "Toy one"}, {"parent_asin": "T2"}])
+    write_lines(raw / "meta_Books.jsonl.gz", [{"parent_asin": "B1", "title": "Book one"}])
+    assert main(["data", "prepare", str(raw / "Toys.jsonl.gz"), str(raw / "Books.jsonl.gz"), str(tmp_path / "two"),
+                 "--quiet"]) == 0
+    assert main(["data", "prepare", str(raw), str(tmp_path / "folder"), "--quiet"]) == 0  # a folder of categories
+    for ds in ("two", "folder"):
+        got = histories(tmp_path / ds)
+        assert [x["item_id"] for x in got["U1"]] == ["B1", "T1"]  # one history across files, in time order
+        assert set(got) == {"U1", "U2", "U3"}
+        titles = dict(zip(*(pq.read_table(tmp_path / ds / "items.parquet").column(c).to_pylist()
+                            for c in ("item_id", "title")), strict=True))
+        assert titles["T1"] == "Toy one" and titles["B1"] == "Book one"
+        manifest = json.loads((tmp_path / ds / "manifest.json").read_text())
+        assert len(manifest["source"]["files"]) == 2 and len(manifest["parse_reports"]) == 4

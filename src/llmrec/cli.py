@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare, inspect and download datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("prepare", help="raw files -> dataset directory")
-    p.add_argument("source", type=Path, help="a folder (sequences.jsonl.gz, reviews/meta, <Category>.jsonl.gz) or file")
+    p.add_argument("source", type=Path, nargs="+",
+                   help="a file or a folder (sequences.jsonl.gz, reviews/meta, one or several <Category>.jsonl.gz), "
+                        "or several: their interactions go into one dataset")
     p.add_argument("out", type=Path, help="dataset directory to write")
     p.add_argument("--format", default="auto", choices=["auto", "sequences", "amazon2023", "amazon2018"])
     p.add_argument("--meta", type=Path, default=None, help="item metadata file (default: found beside the source)")

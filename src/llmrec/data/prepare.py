@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,27 +118,58 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def prepare_dataset(
-    source: str | Path,
+    source: str | Path | Sequence[str | Path],
     out: str | Path,
     config: PrepareConfig | None = None,
     meta: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Build a dataset directory at ``out`` from ``source``; returns the manifest.
+    """Build a dataset directory at ``out`` from ``source`` (a file or folder, or several: their interactions
+    are streamed into one dataset, each file with its metadata); returns the manifest.
 
     Nothing is left at ``out`` unless every step succeeds.
     """
     cfg = config or PrepareConfig()
-    source, out = Path(source), Path(out)
-    fmt, reviews_path, meta_path = resolve_sources(source, cfg.format, Path(meta) if meta else None)
+    out = Path(out)
+    sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
+    if not sources:
+        raise DataError("data prepare: no source given")
+    if meta is not None and len(sources) > 1:
+        raise DataError("--meta names one metadata file: give it with a single source")
+    files: list[tuple[Path, Path | None]] = []
+    fmts = set()
+    for src in sources:
+        for fmt, reviews_path, meta_path in expand_sources(src, cfg.format, Path(meta) if meta else None):
+            fmts.add(fmt)
+            files.append((reviews_path, meta_path))
+    if len(fmts) > 1:
+        raise DataError(f"{', '.join(str(x) for x in sources)}: the review files mix formats "
+                        f"({', '.join(sorted(fmts))}); prepare them apart")
+    if len({f for f, _ in files}) < len(files):
+        raise DataError("data prepare: the same review file is given twice")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"{out}: already exists (use --force to replace it)")
     with output_lock(out):
-        return _prepare_locked(fmt, reviews_path, meta_path, cfg, out, overwrite, progress)
+        return _prepare_locked(fmts.pop(), files, cfg, out, overwrite, progress)
 
 
-def _prepare_locked(fmt: str, reviews_path: Path, meta_path: Path | None, cfg: PrepareConfig, out: Path,
+def expand_sources(source: Path, fmt: str = "auto", meta: Path | None = None) -> list[tuple[str, Path, Path | None]]:
+    """:func:`resolve_sources` of ``source``, or, for a folder of several category review files (2023
+    ``<Category>.jsonl[.gz]`` or 2018 ``<Category>[_5].json.gz``), one entry per file with its metadata."""
+    if source.is_dir():
+        candidates = sorted(
+            p for p in source.iterdir()
+            if p.is_file() and not p.name.startswith(("meta_", ".", "sequences", "items", "reviews", "meta."))
+            and p.name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
+        )
+        if len(candidates) > 1 and not any((source / n).exists() for n in
+                                           ("sequences.jsonl.gz", "sequences.jsonl", "reviews.jsonl.gz", "reviews.jsonl")):
+            return [resolve_sources(p, fmt, meta) for p in candidates]
+    return [resolve_sources(source, fmt, meta)]
+
+
+def _prepare_locked(fmt: str, files: list[tuple[Path, Path | None]], cfg: PrepareConfig, out: Path,
                     overwrite: bool, progress: bool) -> dict[str, Any]:
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
@@ -145,15 +177,15 @@ def _prepare_locked(fmt: str, reviews_path: Path, meta_path: Path | None, cfg: P
     work.mkdir()
     bar = tqdm(total=6, desc=f"prepare {out.name}", disable=not progress, unit="step")
     try:
-        reviews_path = safe_source(reviews_path, work, "reviews")
-        meta_path = safe_source(meta_path, work, "meta") if meta_path is not None else None
+        files = [(safe_source(r, work, f"reviews{k}"), safe_source(m, work, f"meta{k}") if m is not None else None)
+                 for k, (r, m) in enumerate(files)]
         con = duckdb.connect(config={
             "memory_limit": cfg.memory_limit, "threads": cfg.threads, "temp_directory": str(work / "spill"),
             "preserve_insertion_order": True,
         })
         con.execute("SET enable_progress_bar = false").fetchall()
         try:
-            manifest = _build(con, fmt, reviews_path, meta_path, cfg, tmp, work, bar)
+            manifest = _build(con, fmt, files, cfg, tmp, work, bar)
         finally:
             con.close()
         shutil.rmtree(work)
@@ -166,33 +198,45 @@ def _prepare_locked(fmt: str, reviews_path: Path, meta_path: Path | None, cfg: P
     return manifest
 
 
+def _stage_all(con: duckdb.DuckDBPyConnection, fmt: str, files: list[tuple[Path, Path | None]], cfg: PrepareConfig,
+               work: Path, bar: tqdm) -> tuple[list[ParseReport], str, str | None]:
+    """Parse every review file (and metadata file) into Parquet, one after the other (streamed): the reports
+    and SQL relations over all of them, each row with its ``file_no`` (the order of ``files``)."""
+    reports: list[ParseReport] = []
+    raws, metas = [], []
+    for k, (reviews_path, meta_path) in enumerate(files):
+        bar.set_postfix_str(f"parsing {reviews_path.name} ({k + 1}/{len(files)})")
+        raw = work / f"raw{k}.parquet"
+        reports.append(stage_reviews(con, reviews_path, fmt, raw, strict=cfg.strict))  # type: ignore[arg-type]
+        raws.append(f"SELECT {k} AS file_no, * FROM read_parquet({_sql_str(raw)})")
+        if meta_path is not None:
+            bar.set_postfix_str(f"parsing {meta_path.name} ({k + 1}/{len(files)})")
+            meta_raw = work / f"meta{k}.parquet"
+            reports.append(stage_items(con, meta_path, fmt, meta_raw, strict=cfg.strict))  # type: ignore[arg-type]
+            metas.append(f"SELECT {k} AS file_no, * FROM read_parquet({_sql_str(meta_raw)}, union_by_name=true)")
+    union_metas = "(" + " UNION ALL BY NAME ".join(metas) + ")" if metas else None
+    return reports, "(" + " UNION ALL BY NAME ".join(raws) + ")", union_metas
+
+
 def _build(
     con: duckdb.DuckDBPyConnection,
     fmt: str,
-    reviews_path: Path,
-    meta_path: Path | None,
+    files: list[tuple[Path, Path | None]],
     cfg: PrepareConfig,
     out: Path,
     work: Path,
     bar: tqdm,
 ) -> dict[str, Any]:
-    reports: list[ParseReport] = []
-    raw = work / "raw.parquet"
-    bar.set_postfix_str("parsing interactions")
-    reports.append(stage_reviews(con, reviews_path, fmt, raw, strict=cfg.strict))  # type: ignore[arg-type]
-    bar.update()
-    meta_raw = work / "meta.parquet"
-    if meta_path is not None:
-        bar.set_postfix_str("parsing metadata")
-        reports.append(stage_items(con, meta_path, fmt, meta_raw, strict=cfg.strict))  # type: ignore[arg-type]
-    bar.update()
+    reviews_path = files[0][0] if len(files) == 1 else Path(f"{len(files)} files ({files[0][0].name}, ...)")
+    reports, raw, meta_raw = _stage_all(con, fmt, files, cfg, work, bar)
+    bar.update(2)
 
     notes: list[str] = []
     where = ["bad IS NULL", "user_id IS NOT NULL", "item_id IS NOT NULL"]
     (has_ts, has_rating, has_review, has_verified) = _run(
         con,
         f"SELECT count(ts) > 0, count(rating) > 0, count(review) > 0, count(verified) > 0 "
-        f"FROM read_parquet({_sql_str(raw)}) WHERE bad IS NULL",
+        f"FROM {raw} WHERE bad IS NULL",
     )[0]
     if cfg.verified_only:
         if has_verified:
@@ -205,7 +249,7 @@ def _build(
         else:
             notes.append("min_rating: the source has no ratings; filter skipped")
     # Only the key columns go through ordering, dedup and k-core; text joins back at the end.
-    _run(con, f"CREATE TABLE keys AS SELECT line_no, pos, ts, user_id, item_id FROM read_parquet({_sql_str(raw)}) "
+    _run(con, f"CREATE TABLE keys AS SELECT file_no, line_no, pos, ts, user_id, item_id FROM {raw} "
               f"WHERE {' AND '.join(where)}")
     n_after_filters = int(_run(con, "SELECT count(*) FROM keys")[0][0])
     if n_after_filters == 0:
@@ -239,25 +283,26 @@ def _build(
         cols.append("r.review AS review")
     _run(
         con,
-        f"""COPY (SELECT {', '.join(cols)} FROM kept JOIN read_parquet({_sql_str(raw)}) r USING (line_no, pos)
+        f"""COPY (SELECT {', '.join(cols)} FROM kept JOIN {raw} r USING (file_no, line_no, pos)
                  ORDER BY user, "order") TO {_sql_str(out / 'interactions.parquet')} (FORMAT parquet)""",
     )
     _run(con, f"COPY (SELECT user, user_id FROM umap ORDER BY user) TO {_sql_str(out / 'users.parquet')} (FORMAT parquet)")
     n_meta_matched = 0
-    if meta_path is not None:
+    if meta_raw is not None:
         _run(
             con,
-            f"""COPY (SELECT imap.item, imap.item_id, m.* EXCLUDE (line_no, bad, item_id)
-                     FROM imap LEFT JOIN (SELECT * FROM read_parquet({_sql_str(meta_raw)}) WHERE bad IS NULL
-                                          QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY line_no) = 1) m
+            f"""COPY (SELECT imap.item, imap.item_id, m.* EXCLUDE (file_no, line_no, bad, item_id)
+                     FROM imap LEFT JOIN (SELECT * FROM {meta_raw} WHERE bad IS NULL
+                                          QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY file_no, line_no) = 1) m
                      USING (item_id) ORDER BY imap.item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
         )
         n_meta_matched = int(_run(
             con,
-            f"SELECT count(*) FROM imap SEMI JOIN read_parquet({_sql_str(meta_raw)}) m USING (item_id)",
+            f"SELECT count(*) FROM imap SEMI JOIN (SELECT item_id FROM {meta_raw} WHERE bad IS NULL) m USING (item_id)",
         )[0][0])
         if n_meta_matched == 0:
-            raise DataError(f"{meta_path}: none of its item ids matches any of the {n_items} items of "
+            meta_names = ", ".join(str(m) for _, m in files if m is not None)
+            raise DataError(f"{meta_names}: none of its item ids matches any of the {n_items} items of "
                             f"{reviews_path}; is it the metadata of another category? (pass the right one with --meta)")
         if n_meta_matched < n_items:
             notes.append(f"metadata: {n_items - n_meta_matched} of {n_items} items have no "
@@ -273,7 +318,8 @@ def _build(
     stats, fp = _stats_and_fingerprint(con, out / "interactions.parquet", n_users, n_items)
     manifest: dict[str, Any] = {
         "format": fmt,
-        "source": {"interactions": str(reviews_path), "metadata": str(meta_path) if meta_path else None},
+        "source": {"interactions": str(files[0][0]), "metadata": str(files[0][1]) if files[0][1] else None,
+                   "files": [{"interactions": str(r), "metadata": str(m) if m else None} for r, m in files]},
         "config": asdict(cfg),
         "parse_reports": [asdict(r) for r in reports],
         "counts": {
@@ -306,12 +352,12 @@ def safe_source(path: Path, work: Path, name: str) -> Path:
 # Both read table ``keys`` and the raw-id code tables ``umap0`` / ``imap0`` and leave tables ``kept`` (line_no,
 # pos, user, item, order), ``ucodes`` (u0 -> user) and ``icodes`` (i0 -> item); they give the same dataset.
 
-_CHRONO = "ts NULLS LAST, line_no, pos"  # a user's order: time, then place in the source
+_CHRONO = "ts NULLS LAST, file_no, line_no, pos"  # a user's order: time, then place in the sources
 
 
 def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
     """(rows after dedup, rows after k-core, users, items), every stage a DuckDB statement that spills."""
-    _run(con, "CREATE TABLE coded AS SELECT u0, i0, line_no, pos, ts FROM keys JOIN umap0 USING (user_id) "
+    _run(con, "CREATE TABLE coded AS SELECT u0, i0, file_no, line_no, pos, ts FROM keys JOIN umap0 USING (user_id) "
               "JOIN imap0 USING (item_id)")
     if cfg.dedup:  # the first of each (user, item) pair in the user's chronological order
         _run(con, f"CREATE TABLE cur AS SELECT * FROM coded "
@@ -335,7 +381,7 @@ def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[
               "FROM (SELECT DISTINCT u0 FROM cur)")
     _run(con, "CREATE TABLE icodes AS SELECT i0, CAST(row_number() OVER (ORDER BY i0) - 1 AS INTEGER) AS item "
               "FROM (SELECT DISTINCT i0 FROM cur)")
-    _run(con, f"""CREATE TABLE kept AS SELECT line_no, pos, user, item,
+    _run(con, f"""CREATE TABLE kept AS SELECT file_no, line_no, pos, user, item,
                      CAST(row_number() OVER (PARTITION BY user ORDER BY {_CHRONO}) - 1 AS INTEGER) AS "order"
                   FROM cur JOIN ucodes USING (u0) JOIN icodes USING (i0)""")
     _run(con, "DROP TABLE cur")
@@ -347,11 +393,12 @@ def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[
 def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
     """The same as :func:`_select_duckdb` with every interaction in numpy arrays (memory grows with the input)."""
     arrays = con.execute(
-        "SELECT u0, i0, line_no, pos FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id) "
+        "SELECT u0, i0, file_no, line_no, pos FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id) "
         f"ORDER BY u0, {_CHRONO}"
     ).fetchnumpy()
     u0 = np.asarray(arrays["u0"], dtype=np.int64)
     i0 = np.asarray(arrays["i0"], dtype=np.int64)
+    file_no = np.asarray(arrays["file_no"], dtype=np.int32)
     line_no = np.asarray(arrays["line_no"], dtype=np.int64)
     pos = np.asarray(arrays["pos"], dtype=np.int64)
     del arrays
@@ -369,7 +416,7 @@ def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[i
     starts = np.searchsorted(users, np.arange(len(user_codes)))
     position = np.arange(n_final) - starts[users]
     kept = pa.table({
-        "line_no": pa.array(line_no[keep]), "pos": pa.array(pos[keep]),
+        "file_no": pa.array(file_no[keep]), "line_no": pa.array(line_no[keep]), "pos": pa.array(pos[keep]),
         "user": pa.array(users.astype(np.int32)), "item": pa.array(items.astype(np.int32)),
         "order": pa.array(position.astype(np.int32)),
     })

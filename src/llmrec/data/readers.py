@@ -40,6 +40,11 @@ ITEM_IDS_NOT_SCALAR = ("NOT coalesce(list_bool_and(list_transform(TRY_CAST(try(j
                        f"AS JSON[]), lambda x: json_type(x) IN {SCALAR})), true)")
 
 
+def _looks_structured(column: str) -> str:
+    """SQL: the text of ``column`` (read as VARCHAR by the fast reader) starts like a JSON list or object."""
+    return f"coalesce(left({column}, 1) IN ('[', '{{'), false)"
+
+
 def id_is_bad(path: str) -> str:
     """SQL: the JSON value at ``path`` of ``line`` is present but not a string or integer."""
     return f"coalesce(try(json_type(line, '{path}')) NOT IN {SCALAR}, false)"
@@ -175,28 +180,28 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
 # the wrong type) or a row missing a required field sends the file to the line-by-line path above,
 # which counts and reports each malformed line. Per format: (columns read, SELECT list over them
 # and ``line_no``, producing the same columns and types as ``_REVIEW_SPECS``).
-# Ids are read as JSON so that a list or an object is seen (as text it would pass); the rows that break a
-# record rule are counted after the pass, and any such row sends the file to the line-by-line path.
+# The rows that break a record rule are counted after the pass, and any such row sends the file to the
+# line-by-line path. Read as text, a list or an object id becomes its JSON text: a value that starts with
+# '[' or '{' is taken as one (a real id that does only costs the careful path, which checks JSON types).
 _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str, str]] = {
     "amazon2023": (
-        {"user_id": "JSON", "parent_asin": "JSON", "asin": "JSON", "timestamp": "BIGINT",
+        {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "asin": "VARCHAR", "timestamp": "BIGINT",
          "rating": "DOUBLE", "title": "VARCHAR", "text": "VARCHAR", "verified_purchase": "BOOLEAN"},
-        f"""user_id ->> '$' AS user_id, coalesce(parent_asin, asin) ->> '$' AS item_id,
+        f"""user_id, coalesce(parent_asin, asin) AS item_id,
            {ts_ms('"timestamp"')} AS ts, line_no AS pos, rating,
            nullif(concat_ws('. ', nullif(title, ''), nullif("text", '')), '') AS review,
            verified_purchase AS verified,
-           (coalesce(json_type(user_id) NOT IN {SCALAR}, false) OR coalesce(json_type(parent_asin) NOT IN {SCALAR}, false)
-            OR coalesce(json_type(asin) NOT IN {SCALAR}, false) OR "timestamp" < 0
-            OR NOT coalesce(isfinite(rating) AND rating BETWEEN 1 AND 5, rating IS NULL)) AS broken""",
+           ({_looks_structured("user_id")} OR {_looks_structured("parent_asin")} OR {_looks_structured("asin")}
+            OR "timestamp" < 0 OR NOT coalesce(isfinite(rating) AND rating BETWEEN 1 AND 5, rating IS NULL)) AS broken""",
         "user_id",
     ),
     "amazon2018": (
-        {"reviewerID": "JSON", "asin": "JSON", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
+        {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
          "summary": "VARCHAR", "reviewText": "VARCHAR", "verified": "BOOLEAN"},
-        f""""reviewerID" ->> '$' AS user_id, asin ->> '$' AS item_id, {ts_ms('"unixReviewTime"')} AS ts,
+        f""""reviewerID" AS user_id, asin AS item_id, {ts_ms('"unixReviewTime"')} AS ts,
            line_no AS pos, overall AS rating,
            nullif(concat_ws('. ', nullif(summary, ''), nullif("reviewText", '')), '') AS review, verified,
-           (coalesce(json_type("reviewerID") NOT IN {SCALAR}, false) OR coalesce(json_type(asin) NOT IN {SCALAR}, false)
+           ({_looks_structured('"reviewerID"')} OR {_looks_structured("asin")}
             OR "unixReviewTime" < 0 OR NOT coalesce(isfinite(overall) AND overall BETWEEN 1 AND 5, overall IS NULL))
            AS broken""",
         "reviewerID",
@@ -336,7 +341,7 @@ def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, ou
     """
     columns, select, _ = _FAST_REVIEW_SPECS[fmt]
     cols = "{" + ", ".join(f"'{name}': '{typ}'" for name, typ in columns.items()) + "}"
-    staged = out.with_suffix(".fast.parquet")
+    staged = out  # written once, with the extra column ``broken`` (readers of it select columns by name)
     try:
         _run(
             con,
@@ -352,14 +357,9 @@ def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, ou
             f"SELECT count(*), count(*) FILTER (WHERE user_id IS NULL OR item_id IS NULL OR broken) "
             f"FROM read_parquet({_sql_str(staged)})",
         )
-        if n and not n_missing:
-            _run(con, f"COPY (SELECT * EXCLUDE (broken) FROM read_parquet({_sql_str(staged)})) "
-                      f"TO {_sql_str(out)} (FORMAT parquet)")
     except duckdb.Error:
         out.unlink(missing_ok=True)
         return None
-    finally:
-        staged.unlink(missing_ok=True)
     if n == 0 or n_missing:
         out.unlink(missing_ok=True)
         return None
