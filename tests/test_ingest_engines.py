@@ -63,8 +63,9 @@ def test_a_k_core_cascade_is_followed_to_its_end(tmp_path: Path) -> None:
 
 
 def test_several_category_files_make_one_dataset(tmp_path: Path) -> None:
-    from llmrec.cli import main
     from test_data import histories
+
+    from llmrec.cli import main
 
     raw = tmp_path / "raw"
     raw.mkdir()

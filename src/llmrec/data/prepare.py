@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
