@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--low-limit-at", default="10000000", help="sizes also prepared with --memory-limit LOW")
     ap.add_argument("--low-limit", default="1GB")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep generated files here (Synthetic-<N>.jsonl.gz) and reuse them on the next run")
     args = ap.parse_args()
     numpy_at = {int(x) for x in args.numpy_at.split(",") if x}
     low_at = {int(x) for x in args.low_limit_at.split(",") if x}
@@ -56,14 +58,18 @@ def main() -> None:
     for n in (int(x) for x in args.sizes.split(",")):
         work = Path(tempfile.mkdtemp(prefix="llmrec-scale-", dir=args.workdir))
         try:
-            src = work / "Synthetic.jsonl.gz"
-            t0 = time.perf_counter()
-            gen = _run_child([sys.executable, str(Path(__file__).parent / "ingest.py"), "--generate-only", str(src),
-                              "--lines", str(n), "--users", str(max(250_000, n // 8)), "--items", str(max(100_000, n // 20))])
-            if gen["rc"] != 0:
-                raise SystemExit(gen["stderr"][-3000:])
-            print(f"{n:,} reviews generated in {time.perf_counter() - t0:.0f}s ({src.stat().st_size / 1024**2:,.0f} MiB)",
-                  flush=True)
+            src = (args.cache or work) / f"Synthetic-{n}.jsonl.gz"
+            if not src.exists():
+                src.parent.mkdir(parents=True, exist_ok=True)
+                print(f"generating {n:,} reviews ...", flush=True)
+                t0 = time.perf_counter()
+                gen = _run_child([sys.executable, str(Path(__file__).parent / "ingest.py"), "--generate-only", str(src),
+                                  "--lines", str(n), "--users", str(max(250_000, n // 8)),
+                                  "--items", str(max(100_000, n // 20))])
+                if gen["rc"] != 0:
+                    raise SystemExit(gen["stderr"][-3000:])
+                print(f"{n:,} reviews generated in {time.perf_counter() - t0:.0f}s "
+                      f"({src.stat().st_size / 1024**2:,.0f} MiB)", flush=True)
             variants = [("duckdb, memory limit 2GB (default)", ())]
             if n in low_at:
                 variants.append((f"duckdb, memory limit {args.low_limit}", ("--memory-limit", args.low_limit)))

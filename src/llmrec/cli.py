@@ -148,7 +148,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
             print(line)
         for note in manifest["notes"]:
             print(f"note: {note}")
-        _print_stats(args.out)
+        _print_stats(args.out, stats=json.loads((args.out / "stats.json").read_text()),
+                     fingerprint=manifest["fingerprint"])  # what prepare just wrote: no need to load the data
     elif args.data_command == "stats":
         _print_stats(args.dataset)
     elif args.data_command == "download":
@@ -161,18 +162,21 @@ def _cmd_data(args: argparse.Namespace) -> None:
         print(f"next: llmrec data prepare {paths[0]} data/{paths[0].name.split('.')[0]} --k-core 5")
 
 
-def _print_stats(path: Path) -> None:
-    from llmrec.data.dataset import Dataset
+def _print_stats(path: Path, stats: dict | None = None, fingerprint: str | None = None) -> None:
+    """Print a dataset's statistics (loading and checking it unless they are given)."""
+    if stats is None or fingerprint is None:
+        from llmrec.data.dataset import Dataset
 
-    ds = Dataset.load(path)
-    s = ds.stats
+        ds = Dataset.load(path)
+        stats, fingerprint = ds.stats, ds.fingerprint
+    s = stats
     h = s["history_length"]
     print(f"{path}: {s['users']} users, {s['items']} items, {s['interactions']} interactions, "
           f"density {s['density']:.6f}")
     print(f"history length: min {h['min']}, median {h['median']:.0f}, mean {h['mean']:.2f}, "
           f"p90 {h['p90']:.0f}, max {h['max']}")
     print("histogram: " + ", ".join(f"{k}: {v}" for k, v in h["histogram"].items()))
-    print(f"fingerprint {ds.fingerprint}")
+    print(f"fingerprint {fingerprint}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

@@ -199,7 +199,9 @@ class Dataset:
         try:
             manifest = json.loads((path / "manifest.json").read_text())
             stats = json.loads((path / "stats.json").read_text())
-            inter = pq.read_table(path / "interactions.parquet")
+            names = pq.read_schema(path / "interactions.parquet").names  # the text columns stay on disk
+            inter = pq.read_table(path / "interactions.parquet",
+                                  columns=[c for c in ("user", "item", "timestamp") if c in names])
             user_table = pq.read_table(path / "users.parquet")
             items_table = pq.read_table(path / "items.parquet")
             users = inter.column("user").to_numpy().astype(np.int64)
