@@ -247,7 +247,8 @@ def load_run(path: str | Path, dataset: str | Path | None = None) -> LoadedRun:
     try:
         record = json.loads(run_file.read_text())
         cfg = from_dict(RunConfig, record["config"], where=str(run_file))
-        digest_ok = record.get("digest", run_digest(record)) == run_digest(record)  # runs from before digests pass
+        digest = run_digest(record)
+        digest_ok = record.get("digest", digest) == digest  # runs from before digests pass
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LlmrecError(f"{run_file}: damaged run record ({type(e).__name__}: {e})") from None
     if not digest_ok:

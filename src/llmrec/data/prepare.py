@@ -227,7 +227,7 @@ def _build(
     work: Path,
     bar: tqdm,
 ) -> dict[str, Any]:
-    reviews_path = files[0][0] if len(files) == 1 else Path(f"{len(files)} files ({files[0][0].name}, ...)")
+    source_label = str(files[0][0]) if len(files) == 1 else f"{len(files)} files ({files[0][0].name}, ...)"
     reports, raw, meta_raw = _stage_all(con, fmt, files, cfg, work, bar)
     bar.update(2)
 
@@ -253,7 +253,7 @@ def _build(
               f"WHERE {' AND '.join(where)}")
     n_after_filters = int(_run(con, "SELECT count(*) FROM keys")[0][0])
     if n_after_filters == 0:
-        raise DataError(f"{reviews_path}: no interactions left after filtering ({'; '.join(where)})")
+        raise DataError(f"{source_label}: no interactions left after filtering ({'; '.join(where)})")
     # Codes in raw-id order, so that re-coding a subset with np.unique keeps that order.
     _run(con, "CREATE TABLE umap0 AS SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS u0 "
               "FROM (SELECT DISTINCT user_id FROM keys)")
@@ -265,7 +265,7 @@ def _build(
     n_after_dedup, n_final, n_users, n_items = select(con, cfg)
     if n_final == 0:
         raise DataError(
-            f"{reviews_path}: no interactions left after k-core (k_core={cfg.k_core}, "
+            f"{source_label}: no interactions left after k-core (k_core={cfg.k_core}, "
             f"min_history={cfg.min_history}); lower them"
         )
     bar.set_postfix_str(f"{n_after_filters:,} -> dedup {n_after_dedup:,} -> k-core {n_final:,}")
@@ -303,7 +303,7 @@ def _build(
         if n_meta_matched == 0:
             meta_names = ", ".join(str(m) for _, m in files if m is not None)
             raise DataError(f"{meta_names}: none of its item ids matches any of the {n_items} items of "
-                            f"{reviews_path}; is it the metadata of another category? (pass the right one with --meta)")
+                            f"{source_label}; is it the metadata of another category? (pass the right one with --meta)")
         if n_meta_matched < n_items:
             notes.append(f"metadata: {n_items - n_meta_matched} of {n_items} items have no "
                          "metadata record (their title is their id)")

@@ -183,7 +183,7 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
 # The rows that break a record rule are counted after the pass, and any such row sends the file to the
 # line-by-line path. Read as text, a list or an object id becomes its JSON text: a value that starts with
 # '[' or '{' is taken as one (a real id that does only costs the careful path, which checks JSON types).
-_FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str, str]] = {
+_FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
     "amazon2023": (
         {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "asin": "VARCHAR", "timestamp": "BIGINT",
          "rating": "DOUBLE", "title": "VARCHAR", "text": "VARCHAR", "verified_purchase": "BOOLEAN"},
@@ -193,7 +193,6 @@ _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str, str]] = {
            verified_purchase AS verified,
            ({_looks_structured("user_id")} OR {_looks_structured("parent_asin")} OR {_looks_structured("asin")}
             OR "timestamp" < 0 OR NOT coalesce(isfinite(rating) AND rating BETWEEN 1 AND 5, rating IS NULL)) AS broken""",
-        "user_id",
     ),
     "amazon2018": (
         {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
@@ -204,7 +203,6 @@ _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str, str]] = {
            ({_looks_structured('"reviewerID"')} OR {_looks_structured("asin")}
             OR "unixReviewTime" < 0 OR NOT coalesce(isfinite(overall) AND overall BETWEEN 1 AND 5, overall IS NULL))
            AS broken""",
-        "reviewerID",
     ),
 }
 
@@ -339,7 +337,7 @@ def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, ou
     removed) when some line needs the line-by-line path. ``line_no`` here counts non-blank lines,
     which orders rows as the file does; the exact line numbers only matter in the slow path's reports.
     """
-    columns, select, _ = _FAST_REVIEW_SPECS[fmt]
+    columns, select = _FAST_REVIEW_SPECS[fmt]
     cols = "{" + ", ".join(f"'{name}': '{typ}'" for name, typ in columns.items()) + "}"
     staged = out  # written once, with the extra column ``broken`` (readers of it select columns by name)
     try:

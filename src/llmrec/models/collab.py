@@ -126,8 +126,9 @@ def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool 
     """
     cfg = config or SASRecConfig()
     model = SASRec(cfg, split.n_items)
+    new_key = fit_key(split, cfg) if cache_dir is not None else ""
     if cache_dir is not None:
-        for key in (split_key(split, cfg), fit_key(split, cfg)):
+        for key in (split_key(split, cfg), new_key):
             info = _load_cached(cache_dir / f"sasrec-{key[:32]}.npz", model, cfg)
             if info is not None:
                 return model, {**info, "cached": True}
@@ -137,7 +138,7 @@ def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool 
     info = {"seconds": time.perf_counter() - t0, "best_valid_ndcg@10": float(fit["best_valid_ndcg@10"]),
             "best_epoch": int(fit["best_epoch"]), "stopped": str(fit["stopped"]), "max_minutes": cfg.max_minutes}
     if cache_dir is not None and is_main_process():
-        path = cache_dir / f"sasrec-{fit_key(split, cfg)[:32]}.npz"
+        path = cache_dir / f"sasrec-{new_key[:32]}.npz"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors, _ = model._state()

@@ -147,8 +147,8 @@ class _Run:
     """The loop's position and bookkeeping (JSON-able ``state``, saved in checkpoints)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": -1.0, "best_step": 0, "bad": 0,
-                                      "elapsed": 0.0, "history": [], "resumed_from": None}
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "history": [],
+                                      "resumed_from": None}
         self.stopper = EarlyStopping(cfg.patience, cfg.min_rounds)
         self.recent: deque[float] = deque(maxlen=cfg.loss_window or None)
         self.epoch_sum, self.epoch_n = 0.0, 0.0
@@ -210,7 +210,8 @@ class _Loop:
             return
         r = self.run_
         if self.procs.main:
-            state = dict(r.state, elapsed=self.elapsed(), loss_sum=[r.epoch_sum, r.epoch_n], recent=list(r.recent))
+            state = dict(r.state, elapsed=self.elapsed(), loss_sum=[r.epoch_sum, r.epoch_n], recent=list(r.recent),
+                         best=r.stopper.best, best_step=r.stopper.best_at, bad=r.stopper.bad)
             rng = self.task.data_rng
             if rng is not None:  # where the current epoch's batches were drawn from, or the next epoch's will be
                 state["data_rng"] = r.state.get("data_rng_epoch") if r["batch"] > 0 else rng.bit_generator.state
@@ -246,7 +247,6 @@ class _Loop:
         with batch_progress(f"{self.task.name} validation", self.show):
             score = float(self.procs.agree(float(self.task.validate())))
         r.stopper.update(score, at, self.task.snapshot)
-        r["best"], r["best_step"], r["bad"] = r.stopper.best, r.stopper.best_at, r.stopper.bad
         self.curves.validation(r["step"], self.elapsed(), score)
         if self.bar is not None:
             self.bar.note(ndcg=score, best=r.stopper.best, stage="training")
