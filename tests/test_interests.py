@@ -237,7 +237,7 @@ def test_openai_extractor_has_a_total_deadline_and_a_size_cap(hostile: str) -> N
 def test_openai_key_comes_only_from_the_documented_variable() -> None:
     with pytest.raises(ValueError, match="only from OPENAI_API_KEY"):
         OpenAIInterestExtractor("http://127.0.0.1:1/v1", "m", api_key_env="AWS_SECRET_ACCESS_KEY")
-    from llmrec.models.semantic_ids.model import SemanticIDConfig
+    from llmrec.models.semantic_ids.config import SemanticIDConfig
 
     with pytest.raises(ValueError, match="only from OPENAI_API_KEY"):
         SemanticIDConfig(openai_api_key_env="HOME")
