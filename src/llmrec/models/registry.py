@@ -8,6 +8,7 @@ from llmrec.config import ConfigError, from_dict
 from llmrec.models.base import Recommender
 from llmrec.models.itemknn import ItemKNN
 from llmrec.models.itemtoken import ItemTokenLM
+from llmrec.models.llmseq import LLMSeqRec
 from llmrec.models.popularity import Popularity
 from llmrec.models.sasrec import SASRec
 from llmrec.models.semantic_ids import SemanticIDRec
@@ -18,6 +19,7 @@ MODELS: dict[str, type[Recommender]] = {
     SASRec.name: SASRec,
     SemanticIDRec.name: SemanticIDRec,
     ItemTokenLM.name: ItemTokenLM,
+    LLMSeqRec.name: LLMSeqRec,
 }
 
 

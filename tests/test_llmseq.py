@@ -1,0 +1,143 @@
+"""The LLM-enhanced sequential recommender (llm-seqrec) and SASRec's causal low-pass filter."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import N_ITEMS, cycle_catalog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmrec.config import ConfigError, from_dict
+from llmrec.models.llmseq import LLMSeqRec, LLMSeqRecConfig, item_text, normalise_text_vectors
+from llmrec.models.registry import build_model
+from llmrec.models.sasrec import LowPassFilter, SASRec, SASRecConfig, SASRecNet
+
+TINY = {"hidden_size": 16, "n_layers": 1, "n_heads": 2, "inner_size": 32, "dropout": 0.0, "attn_dropout": 0.0,
+        "max_len": 12, "lr": 0.01, "batch_size": 16, "max_epochs": 3, "eval_every": 1, "patience": 100,
+        "num_threads": 1, "text_model": "hash"}
+
+
+def tiny(**kw: object) -> LLMSeqRecConfig:
+    return from_dict(LLMSeqRecConfig, {**TINY, **kw})
+
+
+# --- pure parts -----------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(8, 40), st.integers(2, 6), st.integers(0, 2**31 - 1))
+def test_whitened_text_vectors_have_zero_mean_and_identity_covariance(n: int, d: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d)  # correlated, shifted
+    w = normalise_text_vectors(x, "whiten").astype(np.float64)
+    assert np.abs(w.mean(axis=0)).max() < 1e-6
+    cov = w.T @ w / (n - 1)
+    kept = np.diag(cov) > 0.5  # full-rank axes become exactly unit variance, degenerate ones 0
+    assert kept.sum() == min(d, n - 1)
+    np.testing.assert_allclose(cov[np.ix_(kept, kept)], np.eye(kept.sum()), atol=1e-5)
+    np.testing.assert_allclose(normalise_text_vectors(x, "center").mean(axis=0), 0.0, atol=1e-5)
+
+
+def test_item_text_uses_the_chosen_fields_and_falls_back_to_the_id() -> None:
+    cat = cycle_catalog()
+    assert item_text(cat, 3, ["title"]) == "Product 3"
+    assert item_text(cat, 3, ["title", "categories"]) == "Product 3. Categories: Category 3"
+    assert item_text(cat, 3, ["brand"]) == "item-3"  # no brand anywhere: the raw id, never ""
+
+
+def test_unknown_text_field_is_an_error_naming_it() -> None:
+    with pytest.raises((ConfigError, ValueError), match="text_fields"):
+        from_dict(LLMSeqRecConfig, {"text_fields": ["title", "colour"]})
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 10), st.integers(0, 2**31 - 1))
+def test_low_pass_filter_is_causal_and_averages_the_last_items(window: int, L: int, seed: int) -> None:
+    cfg = SASRecConfig(hidden_size=4, n_heads=1, dropout=0.0, filter_mix=0.5, filter_window=window)
+    f = LowPassFilter(cfg).eval()
+    with torch.no_grad():
+        f.beta.copy_(torch.zeros(4))  # output = the low band alone
+    gen = torch.Generator().manual_seed(seed)
+    n_pad = int(torch.randint(0, L, (1,), generator=gen))
+    nonpad = torch.arange(L)[None, :] >= n_pad  # (1, L) left padding
+    x = torch.randn(1, L, 4, generator=gen) * nonpad[..., None]
+    out = f(x, nonpad)
+    for t in range(L):  # reference: mean of the real items among the last `window` positions
+        lo = max(0, t - window + 1)
+        real = nonpad[0, lo : t + 1]
+        ref = x[0, lo : t + 1][real].mean(0) if real.any() else torch.zeros(4)
+        torch.testing.assert_close(out[0, t], ref, atol=1e-5, rtol=1e-5)
+    x2 = x.clone()
+    x2[0, -1] += 5.0  # changing the newest item changes no earlier position
+    torch.testing.assert_close(f(x2, nonpad)[0, :-1], out[0, :-1])
+
+
+def test_sasrec_with_the_filter_stays_causal() -> None:
+    cfg = SASRecConfig(hidden_size=16, n_heads=2, inner_size=32, max_len=8, dropout=0.0, attn_dropout=0.0,
+                       filter_mix=0.6, filter_window=3)
+    torch.manual_seed(0)
+    net = SASRecNet(cfg, 20).eval()
+    a = torch.tensor([[0, 0, 3, 5, 7, 9, 11, 13]])
+    b = a.clone()
+    b[0, -1] = 2
+    with torch.no_grad():
+        torch.testing.assert_close(net.hidden(a)[0, :-1], net.hidden(b)[0, :-1])
+        assert not torch.allclose(net.hidden(a)[0, -1], net.hidden(b)[0, -1])
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+def test_id_only_is_sasrec_with_the_same_seed(make_cycle_split) -> None:
+    split = make_cycle_split()
+    params = {k: v for k, v in TINY.items() if k != "text_model"}
+    sas = SASRec(from_dict(SASRecConfig, params), N_ITEMS)
+    ids = LLMSeqRec(tiny(item_repr="id"), N_ITEMS)
+    sas.fit(split, progress=False)
+    ids.fit(split, progress=False)
+    hist = split.test.histories[:5]
+    np.testing.assert_allclose(ids.score(hist), sas.score(hist), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("repr_", ["fused", "text"])
+def test_text_rows_train_save_and_load(make_cycle_split, tmp_path: Path, repr_: str) -> None:
+    split = make_cycle_split()
+    model = build_model("llm-seqrec", {**TINY, "item_repr": repr_, "adapter": "mlp"}, N_ITEMS)
+    info = model.fit(split, progress=False)
+    assert info["epochs"] == 3 and info["text_seconds"] >= 0
+    net = model.net
+    assert hasattr(net, "text") and net.text.shape[0] == N_ITEMS + 1
+    assert torch.all(net.text[0] == 0) and torch.all(net.item_table()[0] == 0)  # padding row
+    assert hasattr(net, "item_emb") == (repr_ == "fused")  # text-only has no id embedding at all
+    assert not net.text.requires_grad  # the language model's vectors are frozen
+    model.save(tmp_path / "m")
+    again = LLMSeqRec.load(tmp_path / "m")
+    hist = split.test.histories[:6]
+    np.testing.assert_allclose(again.score(hist), model.score(hist), rtol=1e-5, atol=1e-6)
+    ids, _ = again.recommend(hist, k=5)
+    for row, h in zip(ids, hist, strict=True):
+        assert not set(row.tolist()) & set(np.asarray(h).tolist())
+
+
+def test_items_with_the_same_text_start_with_the_same_rows() -> None:
+    """Text-only rows are a function of the text: two items with equal text get equal rows."""
+    cat = cycle_catalog()
+    cat = dataclasses.replace(cat, titles=["Same"] * 2 + cat.titles[2:],
+                              categories=[["A"]] * 2 + cat.categories[2:])
+    model = LLMSeqRec(tiny(item_repr="text"), N_ITEMS)
+    model._build(model.text_vectors(cat))
+    rows = model.net.item_table().detach()
+    torch.testing.assert_close(rows[1], rows[2])
+    assert not torch.allclose(rows[1], rows[3])
+
+
+def test_text_modes_need_a_catalog(make_cycle_split) -> None:
+    split = dataclasses.replace(make_cycle_split(), catalog=None)
+    with pytest.raises(ValueError, match="item_repr='fused' needs item text"):
+        LLMSeqRec(tiny(), N_ITEMS).fit(split, progress=False)
+    LLMSeqRec(tiny(item_repr="id", max_epochs=1), N_ITEMS).fit(split, progress=False)  # ids need no text
