@@ -141,3 +141,26 @@ def test_text_modes_need_a_catalog(make_cycle_split) -> None:
     with pytest.raises(ValueError, match="item_repr='fused' needs item text"):
         LLMSeqRec(tiny(), N_ITEMS).fit(split, progress=False)
     LLMSeqRec(tiny(item_repr="id", max_epochs=1), N_ITEMS).fit(split, progress=False)  # ids need no text
+
+
+# --- as the companion of the LLM families ----------------------------------------------------
+
+
+def test_llm_seqrec_as_companion_is_cached_packed_and_unpacked(make_cycle_split, tmp_path: Path) -> None:
+    from llmrec.models.collab import CompanionKeys, fit_sasrec, pack_frozen, unpack_frozen
+
+    split = make_cycle_split()
+    cfg = tiny(max_epochs=2)
+    model, info = fit_sasrec(split, cfg, cache_dir=tmp_path)
+    assert isinstance(model, LLMSeqRec) and not info["cached"]
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["llm"]  # llm-seqrec-<key>.npz, not sasrec-
+    again, info2 = fit_sasrec(split, cfg, cache_dir=tmp_path)
+    hist = split.valid.histories[:5]
+    assert info2["cached"] and isinstance(again, LLMSeqRec)
+    np.testing.assert_allclose(again.score(hist), model.score(hist), rtol=1e-6)
+    tensors, entry = pack_frozen(model, 0.5)
+    back, scale = unpack_frozen(tensors, {"collab_state": entry}, N_ITEMS, "itemtoken-lm")
+    assert isinstance(back, LLMSeqRec) and scale == 0.5
+    np.testing.assert_allclose(back.user_states(hist), model.user_states(hist), rtol=1e-6)
+    with pytest.raises(ValueError, match="companion must be one of"):
+        CompanionKeys(companion="bert4rec").check_companion()

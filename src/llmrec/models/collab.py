@@ -47,6 +47,9 @@ class CompanionKeys:
     """Config keys of the SASRec companion; the LLM families' configs extend this (and may give other
     defaults). ``prior_widen`` and ``prior_alone`` 0 / False keep the choice of the releases before them."""
 
+    # which model is the companion: "sasrec", or "llm-seqrec" (SASRec with language-model item rows, whose
+    # states, item vectors and logits the families read the same way)
+    companion: str = "sasrec"
     collab_minutes: float = 10.0  # the companion's training budget (before the family's own; counted in train time)
     collab_cache: bool = True  # reuse a companion fitted earlier on the same split and config
     # SASRec as a prior at inference (a product of experts; 0 = the family alone). With a grid, fit picks the
@@ -58,6 +61,8 @@ class CompanionKeys:
     prior_alone: bool = True  # the companion alone is a candidate too (chosen when no mix beats it)
 
     def check_companion(self) -> None:
+        if self.companion not in COMPANIONS:
+            raise ValueError(f"companion must be one of {sorted(COMPANIONS)}, got {self.companion!r}")
         if self.collab_minutes <= 0:
             raise ValueError(f"collab_minutes must be > 0, got {self.collab_minutes}")
         if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
@@ -71,9 +76,20 @@ class CompanionKeys:
         return self.collab_prior > 0 or any(w > 0 for w in self.collab_prior_grid)
 
 
+def _companions() -> dict[str, type[SASRec]]:
+    from llmrec.models.llmseq import LLMSeqRec
+
+    return {SASRec.name: SASRec, LLMSeqRec.name: LLMSeqRec}
+
+
+COMPANIONS = ("sasrec", "llm-seqrec")
+
+
 def fit_companion(split: Split, keys: CompanionKeys, seed: int, progress: bool = False) -> tuple[SASRec, dict[str, Any]]:
-    """The companion SASRec of a family configured by ``keys`` (cached on disk unless ``collab_cache`` is off)."""
-    return fit_sasrec(split, SASRecConfig(max_minutes=keys.collab_minutes, seed=seed), progress=progress,
+    """The companion of a family configured by ``keys``, with its default config, ``collab_minutes`` and
+    ``seed`` (cached on disk unless ``collab_cache`` is off)."""
+    cls = _companions()[keys.companion]
+    return fit_sasrec(split, cls.Config(max_minutes=keys.collab_minutes, seed=seed), progress=progress,
                       cache_dir=default_cache_dir() if keys.collab_cache else None)
 
 
@@ -125,20 +141,21 @@ def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool 
     older key (:func:`split_key`, which included the budget) are still found.
     """
     cfg = config or SASRecConfig()
-    model = SASRec(cfg, split.n_items)
+    cls = _class_of(cfg)
+    model = cls(cfg, split.n_items)
     new_key = fit_key(split, cfg) if cache_dir is not None else ""
     if cache_dir is not None:
         for key in (split_key(split, cfg), new_key):
-            info = _load_cached(cache_dir / f"sasrec-{key[:32]}.npz", model, cfg)
+            info = _load_cached(cache_dir / f"{cls.name}-{key[:32]}.npz", model, cfg)
             if info is not None:
                 return model, {**info, "cached": True}
-            model = SASRec(cfg, split.n_items)
+            model = cls(cfg, split.n_items)
     t0 = time.perf_counter()
     fit = model.fit(split, progress=progress)
     info = {"seconds": time.perf_counter() - t0, "best_valid_ndcg@10": float(fit["best_valid_ndcg@10"]),
             "best_epoch": int(fit["best_epoch"]), "stopped": str(fit["stopped"]), "max_minutes": cfg.max_minutes}
     if cache_dir is not None and is_main_process():
-        path = cache_dir / f"sasrec-{new_key[:32]}.npz"
+        path = cache_dir / f"{cls.name}-{new_key[:32]}.npz"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tensors, _ = model._state()
@@ -147,6 +164,14 @@ def fit_sasrec(split: Split, config: SASRecConfig | None = None, progress: bool 
         except OSError:  # a read-only cache must not stop training
             pass
     return model, {**info, "cached": False}
+
+
+def _class_of(config: SASRecConfig) -> type[SASRec]:
+    """The companion class whose config ``config`` is (the most derived match)."""
+    for cls in reversed(list(_companions().values())):
+        if isinstance(config, cls.Config):
+            return cls
+    raise TypeError(f"no companion model takes a {type(config).__name__}")
 
 
 def sasrec_item_vectors(split: Split, config: SASRecConfig | None = None, progress: bool = False,
@@ -218,7 +243,7 @@ def pack_frozen(model: SASRec, scale: float) -> tuple[dict[str, np.ndarray], dic
     """A frozen SASRec (and its state scale) as ``collab.*`` tensors and an ``extra`` entry, so that
     it travels inside the saved files of the model that reads its states (see :func:`unpack_frozen`)."""
     tensors, _ = model._state()
-    entry = {"sasrec_config": dataclasses.asdict(model.config), "state_scale": float(scale)}
+    entry = {"sasrec_config": dataclasses.asdict(model.config), "state_scale": float(scale), "model": model.name}
     return {f"collab.{k}": v for k, v in tensors.items()}, entry
 
 
@@ -231,7 +256,8 @@ def unpack_frozen(tensors: dict[str, np.ndarray], extra: dict[str, Any], n_items
     if "collab_state" not in extra:
         raise ValueError(f"{owner}: its config reads SASRec states but the saved model has no SASRec")
     entry = extra["collab_state"]
-    model = SASRec(from_dict(SASRecConfig, entry["sasrec_config"]), n_items)
+    cls = _companions()[entry.get("model", SASRec.name)]  # saves before the choice of companion hold a SASRec
+    model = cls(from_dict(cls.Config, entry["sasrec_config"]), n_items)
     model._load_state({k[len("collab."):]: v for k, v in tensors.items() if k.startswith("collab.")}, {})
     return model, float(entry["state_scale"])
 

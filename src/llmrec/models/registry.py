@@ -9,6 +9,7 @@ from llmrec.models.base import Recommender
 from llmrec.models.itemknn import ItemKNN
 from llmrec.models.itemtoken import ItemTokenLM
 from llmrec.models.llmseq import LLMSeqRec
+from llmrec.models.mixture import Mixture
 from llmrec.models.popularity import Popularity
 from llmrec.models.sasrec import SASRec
 from llmrec.models.semantic_ids import SemanticIDRec
@@ -20,6 +21,7 @@ MODELS: dict[str, type[Recommender]] = {
     SemanticIDRec.name: SemanticIDRec,
     ItemTokenLM.name: ItemTokenLM,
     LLMSeqRec.name: LLMSeqRec,
+    Mixture.name: Mixture,
 }
 
 

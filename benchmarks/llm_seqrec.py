@@ -1,0 +1,279 @@
+"""LLM-enhanced sequential recommender (llm-seqrec) against the baselines, on every bundled dataset.
+
+Leave-one-out, full ranking over the whole catalog (history items excluded), test set; every
+checkpoint is chosen on validation NDCG@10. Each (dataset, recipe, seed) runs in its own child
+process, so its train time and peak memory are its own, and is stored as it finishes in
+``benchmarks/results/llm_seqrec.json`` (re-running a row replaces it). The markdown table, the
+paired gains and the popularity-bucket plot are rebuilt from all stored rows.
+
+    python benchmarks/llm_seqrec.py --dataset amazon-beauty-2014 --recipe fused --seed 0
+    python benchmarks/llm_seqrec.py --report          # tables and plot from the stored rows
+
+Popularity buckets: items sorted by training count, cut so that head, torso and tail items each
+hold a third of the training interactions; a test user counts in the bucket of their target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see SASRecConfig)
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+OUT_JSON = RESULTS / "llm_seqrec.json"
+DATASETS = ["amazon-office-2014", "amazon-beauty-2014", "amazon-games-2018"]
+KS = [5, 10, 20]
+BUDGET = {"max_minutes": 55.0}  # <= 60 minutes of CPU training per run, validation included
+
+# One recipe for every dataset (chosen on Beauty validation, seed 0; see the notes in the report).
+ENCODER: dict[str, Any] = {**BUDGET}
+RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "itemknn": ("itemknn", {}, "ItemKNN (baseline)"),
+    "sasrec": ("sasrec", {"max_minutes": 18.0}, "SASRec as shipped (baseline)"),
+    "sasrec-tuned": ("sasrec", {**ENCODER}, "SASRec, tuned recipe (= llm-seqrec id only)"),
+    "sasrec-filter": ("sasrec", {**ENCODER, "filter_mix": 0.3}, "SASRec + causal low-pass filter"),
+    "text": ("llm-seqrec", {**ENCODER, "item_repr": "text"}, "llm-seqrec, text rows only (MiniLM)"),
+    "fused": ("llm-seqrec", {**ENCODER}, "llm-seqrec, id + text rows (MiniLM)"),
+    "fused-title": ("llm-seqrec", {**ENCODER, "text_fields": ["title"]}, "llm-seqrec fused, title only"),
+    "fused-desc": ("llm-seqrec", {**ENCODER, "text_fields": ["title", "brand", "categories", "description"]},
+                   "llm-seqrec fused, + description"),
+    "fused-smollm2": ("llm-seqrec", {**ENCODER, "text_model": "lm:smollm2-135m-instruct"},
+                      "llm-seqrec fused, SmolLM2 mean-pooled states"),
+    "fused-filter": ("llm-seqrec", {**ENCODER, "filter_mix": 0.3}, "llm-seqrec fused + low-pass filter"),
+}
+BASELINES = ("itemknn", "sasrec", "sasrec-tuned")
+DETERMINISTIC = ("itemknn", "popularity")
+
+
+def popularity_buckets(train: list[np.ndarray], n_items: int) -> np.ndarray:
+    """(n_items,) int: 0 = head, 1 = torso, 2 = tail; each bucket holds ~1/3 of training interactions."""
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train] or [np.zeros(0, np.int64)]),
+                         minlength=n_items)
+    order = np.argsort(-counts, kind="stable")
+    share = np.cumsum(counts[order]) / max(1, counts.sum())  # cumulative share, most popular first
+    bucket = np.empty(n_items, dtype=np.int64)
+    bucket[order] = np.minimum(2, (np.concatenate([[0.0], share[:-1]]) * 3).astype(np.int64))
+    return bucket
+
+
+def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Prepare (cached), train and evaluate one recipe in this process; returns its figures."""
+    from llmrec.config import from_dict
+    from llmrec.pipeline import ensure_dataset
+    from llmrec.runs import EvalConfig, ModelSection, RunConfig, evaluate_run, load_run, train
+
+    model, params, _ = RECIPES[recipe]
+    params = {**params, **overrides, "seed": seed} if model != "itemknn" else {**params, **overrides}
+    ds_dir = workdir / "datasets" / dataset
+    ensure_dataset(SHARED / dataset, ds_dir, progress=False)
+    cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
+    cfg.model = ModelSection(name=model, params=params)
+    run_dir = workdir / "runs" / f"{dataset}-{recipe}-{seed}"
+    t0 = time.perf_counter()
+    record = train(cfg, run_dir, overwrite=True, progress=False)
+    train_s = time.perf_counter() - t0
+    run = load_run(run_dir)
+    result = evaluate_run(run, EvalConfig(ks=KS), progress=False)
+    valid = evaluate_run(run, EvalConfig(ks=[10], on="valid"), progress=False, write=False)
+    bucket = popularity_buckets(run.split.train, run.split.n_items)
+    tgt = {int(u): int(t[0]) for u, t in zip(run.split.test.users, run.split.test.targets, strict=True)}
+    user_bucket = np.array([bucket[tgt[int(u)]] for u in result.users])
+    ndcg = np.asarray(result.per_user["ndcg@10"], dtype=np.float64)
+    by_bucket = {name: float(np.nanmean(ndcg[user_bucket == b])) if (user_bucket == b).any() else None
+                 for b, name in enumerate(("head", "torso", "tail"))}
+    fit = record["fit"]
+    return {"dataset": dataset, "recipe": recipe, "model": model, "seed": seed, "test_users": result.n_users,
+            "test": result.overall, "valid_ndcg@10": valid.overall["ndcg@10"], "ndcg@10_by_bucket": by_bucket,
+            "bucket_users": {n: int((user_bucket == b).sum()) for b, n in enumerate(("head", "torso", "tail"))},
+            "epochs": fit.get("epochs"), "best_epoch": fit.get("best_epoch"), "stopped": fit.get("stopped"),
+            "text_seconds": fit.get("text_seconds"), "train_seconds": train_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params": params, "overrides": overrides, "machine_load": os.getloadavg()[0],
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def load_rows() -> list[dict[str, Any]]:
+    return json.loads(OUT_JSON.read_text())["rows"] if OUT_JSON.exists() else []
+
+
+def save_rows(rows: list[dict[str, Any]]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    tmp = OUT_JSON.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"protocol": "leave-one-out, full ranking, history items excluded, test set",
+                               "ks": KS, "machine": machine, "rows": rows}, indent=2, default=float))
+    tmp.replace(OUT_JSON)
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): 95% Student-t interval over seeds (collapsed for one value)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, m, m
+    half = float(stats.t.ppf(0.975, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return m, m - half, m + half
+
+
+def _ci(values: list[float]) -> str:
+    m, lo, hi = t_interval(values)
+    return f"{m:.4f} [{lo:.4f}, {hi:.4f}]" if len(values) > 1 else f"{m:.4f}"
+
+
+def grouped(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+    out: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["dataset"], r["recipe"]), {})[r["seed"]] = r
+    return out
+
+
+def paired(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]], metric: str = "ndcg@10") -> list[float]:
+    """Per-seed gains of ``a`` over ``b`` on the seeds both have (a deterministic ``b``, such as
+    ItemKNN, run once, is the same model for every seed)."""
+    if len(b) == 1 and next(iter(b.values()))["model"] in DETERMINISTIC:
+        b = dict.fromkeys(a, next(iter(b.values())))
+    return [a[s]["test"][metric] - b[s]["test"][metric] for s in sorted(set(a) & set(b))]
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    g = grouped(rows)
+    cols = ["ndcg@10", "hit_rate@10", "ndcg@20", "recall@20"]
+    md = ["# LLM-enhanced sequential recommender (llm-seqrec) and the baselines", "",
+          ("Leave-one-out, full ranking over all items, history items excluded, test set; checkpoints on "
+           "validation NDCG@10. Mean over seeds with a 95% Student-t interval. 2-core CPU, no GPU."), ""]
+    for ds in DATASETS:
+        recipes = [r for r in RECIPES if (ds, r) in g]
+        if not recipes:
+            continue
+        md += [f"## {ds}", "", "| recipe | seeds | " + " | ".join(cols)
+               + " | valid ndcg@10 | head / torso / tail ndcg@10 | epochs (best) | train min | peak MB |",
+               "|---|---|" + "---:|" * (len(cols) + 6)]
+        for rc in recipes:
+            runs = g[(ds, rc)]
+            rs = [runs[s] for s in sorted(runs)]
+            cells = [_ci([r["test"][c] for r in rs]) for c in cols]
+            b = [np.mean([r["ndcg@10_by_bucket"][k] or 0.0 for r in rs]) for k in ("head", "torso", "tail")]
+            ep = f"{np.mean([r['epochs'] or 0 for r in rs]):.0f} ({np.mean([r['best_epoch'] or 0 for r in rs]):.0f})"
+            md.append(f"| {RECIPES[rc][2]} | {','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
+                      + f" | {np.mean([r['valid_ndcg@10'] for r in rs]):.4f} | {b[0]:.4f} / {b[1]:.4f} / {b[2]:.4f}"
+                      + f" | {ep} | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f}"
+                      + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
+        md += [""]
+        base = {rc: g[(ds, rc)] for rc in BASELINES if (ds, rc) in g}
+        if base:
+            best = max(base, key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
+            md += [f"Paired NDCG@10 gains (same seeds; the best baseline by validation is `{best}`):", ""]
+            for rc in recipes:
+                if rc in BASELINES:
+                    continue
+                for ref in dict.fromkeys(["sasrec-tuned", best]):
+                    if ref not in base:
+                        continue
+                    gains = paired(g[(ds, rc)], base[ref])
+                    if not gains:
+                        continue
+                    m, lo, hi = t_interval(gains)
+                    rel = m / np.mean([r["test"]["ndcg@10"] for r in base[ref].values()])
+                    verdict = ("interval excludes 0" if len(gains) > 1 and lo > 0 else
+                               "one seed: no interval" if len(gains) == 1 else "interval includes 0")
+                    md.append(f"- `{rc}` vs `{ref}`: {m:+.4f} ({rel:+.1%}) [{lo:+.4f}, {hi:+.4f}] over "
+                              f"{len(gains)} seed(s), {verdict}; per seed " + " / ".join(f"{x:+.4f}" for x in gains))
+            md += [""]
+    return "\n".join(md)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per-popularity-bucket NDCG@10, id-only (tuned SASRec) vs text-fused, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = grouped(rows)
+    sets = [ds for ds in DATASETS if (ds, "sasrec-tuned") in g and (ds, "fused") in g]
+    if not sets:
+        return
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.4), squeeze=False)
+    for ax, ds in zip(axes[0], sets, strict=True):
+        for i, (rc, label) in enumerate([("sasrec-tuned", "id only"), ("text", "text only"), ("fused", "id + text")]):
+            if (ds, rc) not in g:
+                continue
+            vals = [np.mean([r["ndcg@10_by_bucket"][k] or 0.0 for r in g[(ds, rc)].values()])
+                    for k in ("head", "torso", "tail")]
+            ax.bar(np.arange(3) + (i - 1) * 0.27, vals, width=0.27, label=label)
+        ax.set_xticks(range(3), ["head", "torso", "tail"])
+        ax.set_title(ds, fontsize=9)
+        ax.set_ylabel("test NDCG@10")
+        ax.legend(fontsize=7)
+    fig.suptitle("NDCG@10 by popularity of the target item (each bucket: 1/3 of training interactions)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    import tomllib
+
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = tomllib.loads(f"v = {value}")["v"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=DATASETS)
+    ap.add_argument("--recipe", choices=sorted(RECIPES))
+    ap.add_argument("--seed", type=int, nargs="+", default=[0])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model param overrides (TOML values)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench-llmseq")
+    ap.add_argument("--report", action="store_true", help="only rebuild the markdown and the plot")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    overrides = parse_overrides(args.set)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.dataset, args.recipe, args.seed[0], args.workdir, overrides),
+                                     default=float))
+        return
+    if not args.report:
+        if not (args.dataset and args.recipe):
+            ap.error("--dataset and --recipe are required (or --report)")
+        for seed in args.seed:
+            print(f"== {args.dataset} / {args.recipe} / seed {seed}", flush=True)
+            cmd = [sys.executable, __file__, "--one", "--dataset", args.dataset, "--recipe", args.recipe,
+                   "--seed", str(seed), "--workdir", str(args.workdir), "--set", *args.set]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                sys.exit(f"{args.dataset}/{args.recipe}/{seed} failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+            print(f"   test ndcg@10 {row['test']['ndcg@10']:.4f}  hr@10 {row['test']['hit_rate@10']:.4f}  valid "
+                  f"{row['valid_ndcg@10']:.4f}  train {row['train_seconds'] / 60:.1f} min  peak "
+                  f"{row['peak_rss_mb']:.0f} MB", flush=True)
+            rows = [r for r in load_rows() if (r["dataset"], r["recipe"], r["seed"]) != (args.dataset, args.recipe, seed)]
+            save_rows(rows + [row])
+    rows = load_rows()
+    plot(rows, RESULTS / "llm_seqrec_buckets.png")
+    md = report(rows)
+    (RESULTS / "llm_seqrec.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""A mixture of trained llmrec models, its weights chosen on validation.
+
+Each member (any registered model: ItemKNN, SASRec, llm-seqrec, an LLM family, ...) is fitted on
+the same split. Their score rows are put on one scale (``zscore``: each row centred and divided by
+its standard deviation over the catalog; ``rank``: each item's rank in the row, best = 1, turned
+into ``1 / (rank_offset + rank)``, reciprocal-rank fusion), and the mixture's score is
+
+    score = z_0 + w_1 * z_1 + w_2 * z_2 + ...
+
+The weights are chosen greedily, member after member, each from ``weight_grid`` by NDCG@10 on the
+validation users (``valid_users`` of them, a fixed seeded sample, or all): ``split.test`` is never
+read. A weight of 0 leaves a member out, so the mixture is never chosen worse on validation than
+its first member.
+
+Id spaces: dataset items ``0..n_items-1``; score matrices ``(n_histories, n_items)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from llmrec.data.splits import Split
+from llmrec.eval.metrics import mean_ndcg
+from llmrec.models.base import Recommender, top_k
+from llmrec.models.train import say
+
+
+@dataclass
+class MixtureMember:
+    """One member: a registered model name and its own config keys (checked by that model's config)."""
+
+    name: str = "sasrec"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MixtureConfig:
+    members: list[MixtureMember] = field(
+        default_factory=lambda: [MixtureMember("llm-seqrec"), MixtureMember("itemknn")])
+    weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5])
+    norm: Literal["zscore", "rank"] = "zscore"
+    rank_offset: float = 60.0  # reciprocal-rank fusion's constant (norm = "rank")
+    valid_users: int = 0  # validation users that choose the weights (0 = all)
+    seed: int = 0  # passed to every member whose config has a seed and does not set one
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 1:
+            raise ValueError("members: a mixture needs at least one member")
+        if any(m.name == "mixture" for m in self.members):
+            raise ValueError("members: a mixture cannot contain a mixture")
+        if not self.weight_grid or any(not w >= 0 for w in self.weight_grid):
+            raise ValueError(f"weight_grid must hold weights >= 0, got {self.weight_grid}")
+        if self.valid_users < 0 or self.rank_offset <= 0:
+            raise ValueError("valid_users must be >= 0 and rank_offset > 0")
+
+
+def normalise_rows(scores: np.ndarray, how: str, rank_offset: float = 60.0) -> np.ndarray:
+    """(n, n_items) -> (n, n_items) float32 on a common scale (see the module docstring); -inf/NaN
+    entries become the row's lowest value first."""
+    s = np.array(scores, dtype=np.float64, copy=True)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        low = np.where(bad, np.inf, s).min(axis=1, keepdims=True)
+        s = np.where(bad, np.where(np.isfinite(low), low, 0.0), s)
+    if how == "zscore":
+        sd = s.std(axis=1, keepdims=True)
+        flat = sd <= 1e-9 * (np.abs(s).max(axis=1, keepdims=True) + 1.0)  # a constant row (up to rounding)
+        return np.where(flat, 0.0, (s - s.mean(axis=1, keepdims=True)) / np.where(flat, 1.0, sd)).astype(np.float32)
+    if how == "rank":
+        ranks = np.empty_like(s)
+        order = np.argsort(-s, axis=1, kind="stable")
+        np.put_along_axis(ranks, order, np.arange(1, s.shape[1] + 1, dtype=np.float64)[None, :], axis=1)
+        return (1.0 / (rank_offset + ranks)).astype(np.float32)
+    raise ValueError(f"unknown norm {how!r}")
+
+
+class Mixture(Recommender):
+    """Weighted sum of normalised member scores (see the module docstring)."""
+
+    name = "mixture"
+    Config = MixtureConfig
+
+    def __init__(self, config: MixtureConfig, n_items: int) -> None:
+        super().__init__(config, n_items)
+        from dataclasses import fields
+
+        from llmrec.models.registry import build_model, model_class
+
+        self.members: list[Recommender] = []
+        for i, m in enumerate(config.members):
+            params = dict(m.params)
+            if "seed" in {f.name for f in fields(model_class(m.name).Config)} and "seed" not in params:
+                params["seed"] = config.seed
+            self.members.append(build_model(m.name, params, n_items, where=f"model.params.members[{i}].params"))
+        self.weights = [1.0] + [0.0] * (len(self.members) - 1)
+
+    @property
+    def wants_feedback(self) -> bool:
+        return any(m.wants_feedback for m in self.members)
+
+    def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
+        """Fit every member, then choose the weights on validation (``split.test`` is never read)."""
+        fits = []
+        for i, m in enumerate(self.members):
+            say(progress, f"mixture: fitting member {i} ({m.name})")
+            m.feedback = self.feedback
+            sub = None if workdir is None else Path(workdir) / f"member-{i}"
+            fits.append(m.fit(split, progress=progress, workdir=sub))
+        valid = split.valid
+        rows = np.arange(len(valid))
+        if self.config.valid_users and self.config.valid_users < len(rows):
+            rows = np.sort(np.random.default_rng(self.config.seed).choice(rows, self.config.valid_users, replace=False))
+        hists = [valid.histories[i] for i in rows]
+        targets = [valid.targets[i] for i in rows]
+        users = valid.users[rows]
+        z = [self._member_scores(m, hists, users) for m in self.members]  # each (n_valid, n_items)
+        table: list[dict[str, float]] = []
+        total = z[0].copy()
+        for j in range(1, len(z)):
+            results = {w: self._ndcg(total + w * z[j], hists, targets) for w in self.config.weight_grid}
+            best = max(results, key=lambda w: (results[w], -w))  # the smallest weight among ties
+            self.weights[j] = float(best)
+            total += best * z[j]
+            table.append({str(w): v for w, v in results.items()})
+        return {"members": [m.name for m in self.members], "member_fits": fits, "weights": self.weights,
+                "valid_ndcg@10_by_weight": table, "best_valid_ndcg@10": self._ndcg(total, hists, targets),
+                "valid_users": len(rows)}
+
+    def _member_scores(self, m: Recommender, hists: Sequence[np.ndarray], users: np.ndarray | None) -> np.ndarray:
+        return normalise_rows(m.score(hists, users), self.config.norm, self.config.rank_offset)
+
+    @staticmethod
+    def _ndcg(scores: np.ndarray, hists: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> float:
+        ranked, _ = top_k(scores, 10, hists)
+        return mean_ndcg(ranked, targets)
+
+    def score(self, histories: Sequence[np.ndarray], users: np.ndarray | None = None) -> np.ndarray:
+        """(n, n_items) float32: the weighted sum of the members' normalised scores."""
+        out = np.zeros((len(histories), self.n_items), dtype=np.float32)
+        for w, m in zip(self.weights, self.members, strict=True):
+            if w > 0:
+                m.feedback = self.feedback
+                out += np.float32(w) * self._member_scores(m, histories, users)
+        return out
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        tensors: dict[str, np.ndarray] = {}
+        extras = []
+        for i, m in enumerate(self.members):
+            t, e = m._state()
+            tensors.update({f"m{i}.{k}": v for k, v in t.items()})
+            extras.append({"config": asdict(m.config), "extra": e})
+        return tensors, {"weights": self.weights, "members": extras}
+
+    def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        from llmrec.config import from_dict
+
+        if len(extra["members"]) != len(self.members):
+            raise ValueError(f"saved mixture has {len(extra['members'])} members, its config {len(self.members)}")
+        for i, (m, e) in enumerate(zip(self.members, extra["members"], strict=True)):
+            if asdict(from_dict(type(m.config), e["config"])) != asdict(m.config):
+                raise ValueError(f"member {i} ({m.name}) was saved with another config than the mixture's")
+            prefix = f"m{i}."
+            m._load_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, e["extra"])
+        self.weights = [float(w) for w in extra["weights"]]
