@@ -54,7 +54,13 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     "fused-smollm2": ("llm-seqrec", {**ENCODER, "text_model": "lm:smollm2-135m-instruct"},
                       "llm-seqrec fused, SmolLM2 mean-pooled states"),
     "fused-filter": ("llm-seqrec", {**ENCODER, "filter_mix": 0.3}, "llm-seqrec fused + low-pass filter"),
+    # mixtures (weights chosen on validation); their first member is also stored as its own recipe
+    "fused+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**ENCODER}}, {"name": "itemknn"}]},
+                      "mixture: llm-seqrec fused + ItemKNN"),
+    "sasrec-tuned+itemknn": ("mixture", {"members": [{"name": "sasrec", "params": {**ENCODER}},
+                                                     {"name": "itemknn"}]}, "mixture: SASRec tuned + ItemKNN"),
 }
+FIRST_MEMBER = {"fused+itemknn": "fused", "sasrec-tuned+itemknn": "sasrec-tuned"}
 BASELINES = ("itemknn", "sasrec", "sasrec-tuned")
 DETERMINISTIC = ("itemknn", "popularity")
 
@@ -70,14 +76,23 @@ def popularity_buckets(train: list[np.ndarray], n_items: int) -> np.ndarray:
     return bucket
 
 
-def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Prepare (cached), train and evaluate one recipe in this process; returns its figures."""
+def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """Prepare (cached), train and evaluate one recipe in this process; returns its rows (a mixture
+    also gives the row of its first member alone: the same trained model, evaluated without the others)."""
+    import dataclasses
+
     from llmrec.config import from_dict
     from llmrec.pipeline import ensure_dataset
-    from llmrec.runs import EvalConfig, ModelSection, RunConfig, evaluate_run, load_run, train
+    from llmrec.runs import ModelSection, RunConfig, load_run, train
 
     model, params, _ = RECIPES[recipe]
-    params = {**params, **overrides, "seed": seed} if model != "itemknn" else {**params, **overrides}
+    if model == "mixture":  # overrides go to the first member (the trained encoder)
+        first, *rest = params["members"]
+        params = {**params, "members": [{**first, "params": {**first["params"], **overrides}}, *rest]}
+    else:
+        params = {**params, **overrides}
+    if model not in DETERMINISTIC:
+        params["seed"] = seed
     ds_dir = workdir / "datasets" / dataset
     ensure_dataset(SHARED / dataset, ds_dir, progress=False)
     cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
@@ -86,8 +101,28 @@ def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict
     t0 = time.perf_counter()
     record = train(cfg, run_dir, overwrite=True, progress=False)
     train_s = time.perf_counter() - t0
-    run = load_run(run_dir)
-    result = evaluate_run(run, EvalConfig(ks=KS), progress=False)
+    full = load_run(run_dir)
+    fit = record["fit"]
+    rows = [_row(full, dataset, recipe, model, seed, fit, write=True)]
+    if recipe in FIRST_MEMBER:
+        first = dataclasses.replace(full, model=full.model.members[0])
+        rows.append(_row(first, dataset, FIRST_MEMBER[recipe], first.model.name, seed, fit["member_fits"][0],
+                         write=False))
+        rows[-1]["from_mixture"] = recipe
+    for r in rows:
+        r.update({"train_seconds": train_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "params": params, "overrides": overrides, "machine_load": os.getloadavg()[0],
+                  "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if recipe in FIRST_MEMBER:
+        rows[0]["weights"] = fit["weights"]
+    return rows
+
+
+def _row(run: Any, dataset: str, recipe: str, model: str, seed: int, fit: dict[str, Any], write: bool) -> dict[str, Any]:
+    """Test and validation figures of a loaded run (``write``: its metrics.json too)."""
+    from llmrec.runs import EvalConfig, evaluate_run
+
+    result = evaluate_run(run, EvalConfig(ks=KS), progress=False, write=write)
     valid = evaluate_run(run, EvalConfig(ks=[10], on="valid"), progress=False, write=False)
     bucket = popularity_buckets(run.split.train, run.split.n_items)
     tgt = {int(u): int(t[0]) for u, t in zip(run.split.test.users, run.split.test.targets, strict=True)}
@@ -95,15 +130,13 @@ def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict
     ndcg = np.asarray(result.per_user["ndcg@10"], dtype=np.float64)
     by_bucket = {name: float(np.nanmean(ndcg[user_bucket == b])) if (user_bucket == b).any() else None
                  for b, name in enumerate(("head", "torso", "tail"))}
-    fit = record["fit"]
+    if "member_fits" in fit:  # a mixture: its first member's training facts
+        fit = fit["member_fits"][0]
     return {"dataset": dataset, "recipe": recipe, "model": model, "seed": seed, "test_users": result.n_users,
             "test": result.overall, "valid_ndcg@10": valid.overall["ndcg@10"], "ndcg@10_by_bucket": by_bucket,
             "bucket_users": {n: int((user_bucket == b).sum()) for b, n in enumerate(("head", "torso", "tail"))},
             "epochs": fit.get("epochs"), "best_epoch": fit.get("best_epoch"), "stopped": fit.get("stopped"),
-            "text_seconds": fit.get("text_seconds"), "train_seconds": train_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params": params, "overrides": overrides, "machine_load": os.getloadavg()[0],
-            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "text_seconds": fit.get("text_seconds")}
 
 
 def load_rows() -> list[dict[str, Any]]:
@@ -262,12 +295,13 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 sys.exit(f"{args.dataset}/{args.recipe}/{seed} failed:\n{proc.stderr[-3000:]}")
-            row = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-            print(f"   test ndcg@10 {row['test']['ndcg@10']:.4f}  hr@10 {row['test']['hit_rate@10']:.4f}  valid "
-                  f"{row['valid_ndcg@10']:.4f}  train {row['train_seconds'] / 60:.1f} min  peak "
-                  f"{row['peak_rss_mb']:.0f} MB", flush=True)
-            rows = [r for r in load_rows() if (r["dataset"], r["recipe"], r["seed"]) != (args.dataset, args.recipe, seed)]
-            save_rows(rows + [row])
+            new = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+            for row in new:
+                print(f"   {row['recipe']}: test ndcg@10 {row['test']['ndcg@10']:.4f}  hr@10 "
+                      f"{row['test']['hit_rate@10']:.4f}  valid {row['valid_ndcg@10']:.4f}  train "
+                      f"{row['train_seconds'] / 60:.1f} min  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+            done = {(r["dataset"], r["recipe"], r["seed"]) for r in new}
+            save_rows([r for r in load_rows() if (r["dataset"], r["recipe"], r["seed"]) not in done] + new)
     rows = load_rows()
     plot(rows, RESULTS / "llm_seqrec_buckets.png")
     md = report(rows)
