@@ -16,6 +16,7 @@ hold a third of the training interactions; a test user counts in the bucket of t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -39,8 +40,10 @@ DATASETS = ["amazon-office-2014", "amazon-beauty-2014", "amazon-games-2018"]
 KS = [5, 10, 20]
 BUDGET = {"max_minutes": 55.0}  # <= 60 minutes of CPU training per run, validation included
 
-# One recipe for every dataset (chosen on Beauty validation, seed 0; see the notes in the report).
-ENCODER: dict[str, Any] = {**BUDGET}
+# One recipe for every dataset, chosen on Beauty validation (seed 0): hidden 128 reached validation NDCG@10
+# 0.0628 at epoch 10 of a 30-epoch cosine run, against 0.0605 for the shipped hidden 64 at epoch 10 (0.0623 at
+# its best, epoch 17 of 20). Everything else is SASRec's shipped config (dropout 0.5, 2 layers, max_len 50).
+ENCODER: dict[str, Any] = {**BUDGET, "hidden_size": 128, "max_epochs": 20}
 RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     "itemknn": ("itemknn", {}, "ItemKNN (baseline)"),
     "sasrec": ("sasrec", {"max_minutes": 18.0}, "SASRec as shipped (baseline)"),
@@ -301,7 +304,10 @@ def main() -> None:
                       f"{row['test']['hit_rate@10']:.4f}  valid {row['valid_ndcg@10']:.4f}  train "
                       f"{row['train_seconds'] / 60:.1f} min  peak {row['peak_rss_mb']:.0f} MB", flush=True)
             done = {(r["dataset"], r["recipe"], r["seed"]) for r in new}
-            save_rows([r for r in load_rows() if (r["dataset"], r["recipe"], r["seed"]) not in done] + new)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            with (RESULTS / ".llm_seqrec.lock").open("w") as lock:  # runs of other recipes may finish now too
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                save_rows([r for r in load_rows() if (r["dataset"], r["recipe"], r["seed"]) not in done] + new)
     rows = load_rows()
     plot(rows, RESULTS / "llm_seqrec_buckets.png")
     md = report(rows)
