@@ -146,13 +146,43 @@ def load_rows() -> list[dict[str, Any]]:
     return json.loads(OUT_JSON.read_text())["rows"] if OUT_JSON.exists() else []
 
 
-def save_rows(rows: list[dict[str, Any]]) -> None:
+def save_rows(rows: list[dict[str, Any]], **extra: Any) -> None:
+    """Write the rows (and ``extra`` top-level entries; other entries already stored are kept)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    old = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
+    data = {**old, **extra, "protocol": "leave-one-out, full ranking, history items excluded, test set",
+            "ks": KS, "machine": machine, "rows": rows}
     tmp = OUT_JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"protocol": "leave-one-out, full ranking, history items excluded, test set",
-                               "ks": KS, "machine": machine, "rows": rows}, indent=2, default=float))
+    tmp.write_text(json.dumps(data, indent=2, default=float))
     tmp.replace(OUT_JSON)
+
+
+def embed_timing(dataset: str, workdir: Path, text_model: str = "all-MiniLM-L6-v2") -> dict[str, Any]:
+    """Build the text-vector cache of every item of ``dataset`` from nothing (a fresh cache folder), then
+    read it back: seconds, items per second and peak memory of each."""
+    import tempfile
+
+    from llmrec.data.dataset import Dataset
+    from llmrec.models.llmseq import LLMSeqRec, LLMSeqRecConfig
+    from llmrec.pipeline import ensure_dataset
+
+    ds_dir = workdir / "datasets" / dataset
+    ensure_dataset(SHARED / dataset, ds_dir, progress=False)
+    ds = Dataset.load(ds_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LLMREC_CACHE"] = tmp
+        model = LLMSeqRec(LLMSeqRecConfig(text_model=text_model), ds.n_items)
+        t0 = time.perf_counter()
+        model.text_vectors(ds.catalog())
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        LLMSeqRec(LLMSeqRecConfig(text_model=text_model), ds.n_items).text_vectors(ds.catalog())
+        cached = time.perf_counter() - t0
+    return {"dataset": dataset, "text_model": text_model, "items": ds.n_items, "build_seconds": build,
+            "items_per_second": ds.n_items / build, "cached_seconds": cached,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
@@ -231,6 +261,13 @@ def report(rows: list[dict[str, Any]]) -> str:
                     md.append(f"- `{rc}` vs `{ref}`: {m:+.4f} ({rel:+.1%}) [{lo:+.4f}, {hi:+.4f}] over "
                               f"{len(gains)} seed(s), {verdict}; per seed " + " / ".join(f"{x:+.4f}" for x in gains))
             md += [""]
+    timings = json.loads(OUT_JSON.read_text()).get("embedding_cache", []) if OUT_JSON.exists() else []
+    if timings:
+        md += ["## Text-vector cache", "", "| dataset | text model | items | build s | items/s | cached read s | peak MB |",
+               "|---|---|---:|---:|---:|---:|---:|"]
+        md += [f"| {t['dataset']} | {t['text_model']} | {t['items']} | {t['build_seconds']:.1f} | "
+               f"{t['items_per_second']:.0f} | {t['cached_seconds']:.2f} | {t['peak_rss_mb']:.0f} |" for t in timings]
+        md += [""]
     return "\n".join(md)
 
 
@@ -281,9 +318,19 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model param overrides (TOML values)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench-llmseq")
     ap.add_argument("--report", action="store_true", help="only rebuild the markdown and the plot")
+    ap.add_argument("--embed-timing", action="store_true", help="time the text-vector cache build of --dataset")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     overrides = parse_overrides(args.set)
+    if args.embed_timing:
+        timing = embed_timing(args.dataset, args.workdir)
+        print(json.dumps(timing, indent=2))
+        with (RESULTS / ".llm_seqrec.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = json.loads(OUT_JSON.read_text()).get("embedding_cache", []) if OUT_JSON.exists() else []
+            keep = [t for t in old if (t["dataset"], t["text_model"]) != (timing["dataset"], timing["text_model"])]
+            save_rows(load_rows(), embedding_cache=keep + [timing])
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(args.dataset, args.recipe, args.seed[0], args.workdir, overrides),
                                      default=float))

@@ -164,3 +164,20 @@ def test_llm_seqrec_as_companion_is_cached_packed_and_unpacked(make_cycle_split,
     np.testing.assert_allclose(back.user_states(hist), model.user_states(hist), rtol=1e-6)
     with pytest.raises(ValueError, match="companion must be one of"):
         CompanionKeys(companion="bert4rec").check_companion()
+
+
+def test_lm_mean_pooled_embedder_is_normalised_cached_and_padding_free(tmp_path: Path, monkeypatch) -> None:
+    from llmrec.models.semantic_ids.embed import LMMeanEmbedder, get_embedder
+
+    monkeypatch.setenv("LLMREC_CACHE", str(tmp_path))
+    emb = get_embedder("lm:random-tiny-llama")
+    assert isinstance(emb, LMMeanEmbedder) and emb.name == "lm:random-tiny-llama"
+    texts = ["office paper", "a much longer title of a desk chair with a pencil", "office paper"]
+    vecs = emb.encode(texts)
+    assert vecs.shape == (3, emb.dim)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(vecs[0], vecs[2], rtol=1e-6)
+    assert any((tmp_path / "embeddings").rglob("*.npz"))  # written to the on-disk cache
+    monkeypatch.setenv("LLMREC_CACHE", str(tmp_path / "fresh"))  # computed again, alone in its batch: no padding
+    alone = LMMeanEmbedder("random-tiny-llama").encode(["office paper"])
+    np.testing.assert_allclose(alone[0], vecs[0], atol=1e-5)
