@@ -38,7 +38,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT_JSON = RESULTS / "llm_seqrec.json"
 DATASETS = ["amazon-office-2014", "amazon-beauty-2014", "amazon-games-2018"]
 KS = [5, 10, 20]
-BUDGET = {"max_minutes": 55.0}  # <= 60 minutes of CPU training per run, validation included
+# The epochs decide, not the clock: on a CPU shared with other jobs a wall-clock budget would make results
+# depend on the load. max_minutes is a safety net; each row records its CPU time (one torch thread), which the
+# issue's "<= 60 minutes of CPU training per run" is judged on.
+BUDGET = {"max_minutes": 150.0}
 
 # One recipe for every dataset, chosen on Beauty validation (seed 0): hidden 128 reached validation NDCG@10
 # 0.0628 at epoch 10 of a 30-epoch cosine run, against 0.0605 for the shipped hidden 64 at epoch 10 (0.0623 at
@@ -101,9 +104,9 @@ def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict
     cfg = from_dict(RunConfig, {"dataset": str(ds_dir), "seed": seed})
     cfg.model = ModelSection(name=model, params=params)
     run_dir = workdir / "runs" / f"{dataset}-{recipe}-{seed}"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     record = train(cfg, run_dir, overwrite=True, progress=False)
-    train_s = time.perf_counter() - t0
+    train_s, cpu_s = time.perf_counter() - t0, _cpu_seconds() - cpu0
     full = load_run(run_dir)
     fit = record["fit"]
     rows = [_row(full, dataset, recipe, model, seed, fit, write=True)]
@@ -113,12 +116,19 @@ def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict
                          write=False))
         rows[-1]["from_mixture"] = recipe
     for r in rows:
-        r.update({"train_seconds": train_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        r.update({"train_seconds": train_s, "train_cpu_seconds": cpu_s,
+                  "resumed_from": (fit.get("member_fits") or [fit])[0].get("resumed_from"), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "params": params, "overrides": overrides, "machine_load": os.getloadavg()[0],
                   "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     if recipe in FIRST_MEMBER:
         rows[0]["weights"] = fit["weights"]
     return rows
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
 
 
 def _row(run: Any, dataset: str, recipe: str, model: str, seed: int, fit: dict[str, Any], write: bool) -> dict[str, Any]:
@@ -202,6 +212,12 @@ def _ci(values: list[float]) -> str:
     return f"{m:.4f} [{lo:.4f}, {hi:.4f}]" if len(values) > 1 else f"{m:.4f}"
 
 
+def _cpu_min(rs: list[dict[str, Any]]) -> str:
+    """Mean CPU minutes of training over the rows that were not resumed (resumed ones lack the first part)."""
+    cpu = [r["train_cpu_seconds"] / 60 for r in rs if r.get("train_cpu_seconds") is not None and not r.get("resumed_from")]
+    return f"{np.mean(cpu):.1f}" if cpu else "-"
+
+
 def grouped(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
     out: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for r in rows:
@@ -228,7 +244,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         if not recipes:
             continue
         md += [f"## {ds}", "", "| recipe | seeds | " + " | ".join(cols)
-               + " | valid ndcg@10 | head / torso / tail ndcg@10 | epochs (best) | train min | peak MB |",
+               + " | valid ndcg@10 | head / torso / tail ndcg@10 | epochs (best) | train min (CPU min) | peak MB |",
                "|---|---|" + "---:|" * (len(cols) + 6)]
         for rc in recipes:
             runs = g[(ds, rc)]
@@ -238,7 +254,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             ep = f"{np.mean([r['epochs'] or 0 for r in rs]):.0f} ({np.mean([r['best_epoch'] or 0 for r in rs]):.0f})"
             md.append(f"| {RECIPES[rc][2]} | {','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
                       + f" | {np.mean([r['valid_ndcg@10'] for r in rs]):.4f} | {b[0]:.4f} / {b[1]:.4f} / {b[2]:.4f}"
-                      + f" | {ep} | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f}"
+                      + f" | {ep} | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f} ({_cpu_min(rs)})"
                       + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         md += [""]
         base = {rc: g[(ds, rc)] for rc in BASELINES if (ds, rc) in g}
