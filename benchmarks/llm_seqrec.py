@@ -73,13 +73,10 @@ DETERMINISTIC = ("itemknn", "popularity")
 
 def popularity_buckets(train: list[np.ndarray], n_items: int) -> np.ndarray:
     """(n_items,) int: 0 = head, 1 = torso, 2 = tail; each bucket holds ~1/3 of training interactions."""
-    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in train] or [np.zeros(0, np.int64)]),
-                         minlength=n_items)
-    order = np.argsort(-counts, kind="stable")
-    share = np.cumsum(counts[order]) / max(1, counts.sum())  # cumulative share, most popular first
-    bucket = np.empty(n_items, dtype=np.int64)
-    bucket[order] = np.minimum(2, (np.concatenate([[0.0], share[:-1]]) * 3).astype(np.int64))
-    return bucket
+    from llmrec.eval.metrics import popularity_buckets as buckets
+
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in train] or [np.zeros(0, np.int64)])
+    return buckets(np.bincount(flat, minlength=n_items))
 
 
 def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict[str, Any]) -> list[dict[str, Any]]:

@@ -319,3 +319,22 @@ def test_mean_ndcg_by_hand_skips_users_without_targets() -> None:
     with pytest.warns(UserWarning, match="no relevant items"):
         assert mean_ndcg(ranked, targets, k=3) == pytest.approx((u0 + u1) / 2)
     assert mean_ndcg(ranked[:2], targets[:2], k=1) == pytest.approx(0.5)  # only user 1 hits at rank 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=60))
+def test_popularity_buckets_split_interactions_in_thirds_by_popularity(counts: list[int]) -> None:
+    from llmrec.eval.metrics import popularity_buckets
+
+    c = np.array(counts)
+    b = popularity_buckets(c)
+    assert b.shape == c.shape and set(b.tolist()) <= {0, 1, 2}
+    for lo in range(3):  # a more popular item never sits in a less popular bucket
+        for hi in range(lo + 1, 3):
+            if (b == lo).any() and (b == hi).any():
+                assert c[b == lo].min() >= c[b == hi].max()
+    total = c.sum()
+    if total:
+        for k in range(3):  # the interactions before bucket k's first item are at most k/3 of all, plus one item
+            share_before = c[b < k].sum() / total
+            assert share_before <= k / 3 + c.max() / total + 1e-12

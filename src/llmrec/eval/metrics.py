@@ -171,3 +171,18 @@ def duplicate_rate(ranked: np.ndarray) -> float:
     if not filled.any():
         return 0.0
     return float((~first_occurrence(r))[filled].mean())
+
+
+def popularity_buckets(counts: np.ndarray, n_buckets: int = 3) -> np.ndarray:
+    """(n_items,) int64 bucket of each item by its training count ``counts`` (n_items,): items sorted
+    from most to least popular (ties by id) are cut so that each bucket holds about ``1 / n_buckets`` of
+    all interactions; 0 = head (the most popular), ``n_buckets - 1`` = tail. An item goes to the bucket in
+    which the interactions before it end."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if n_buckets < 1 or (counts < 0).any():
+        raise ValueError("popularity_buckets: n_buckets must be >= 1 and counts >= 0")
+    order = np.argsort(-counts, kind="stable")
+    before = np.concatenate([[0], np.cumsum(counts[order])[:-1]]) / max(1, int(counts.sum()))  # share before each
+    bucket = np.empty(len(counts), dtype=np.int64)
+    bucket[order] = np.minimum(n_buckets - 1, (before * n_buckets).astype(np.int64))
+    return bucket
