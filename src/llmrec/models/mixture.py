@@ -61,20 +61,24 @@ class MixtureConfig:
 
 def normalise_rows(scores: np.ndarray, how: str, rank_offset: float = 60.0) -> np.ndarray:
     """(n, n_items) -> (n, n_items) float32 on a common scale (see the module docstring); -inf/NaN
-    entries become the row's lowest value first."""
-    s = np.array(scores, dtype=np.float64, copy=True)
+    entries become the row's lowest value first. Row statistics are accumulated in float64."""
+    s = np.array(scores, dtype=np.float32, copy=True)
     bad = ~np.isfinite(s)
     if bad.any():
         low = np.where(bad, np.inf, s).min(axis=1, keepdims=True)
-        s = np.where(bad, np.where(np.isfinite(low), low, 0.0), s)
+        s[bad] = np.broadcast_to(np.where(np.isfinite(low), low, 0.0), s.shape)[bad]
     if how == "zscore":
-        sd = s.std(axis=1, keepdims=True)
-        flat = sd <= 1e-9 * (np.abs(s).max(axis=1, keepdims=True) + 1.0)  # a constant row (up to rounding)
-        return np.where(flat, 0.0, (s - s.mean(axis=1, keepdims=True)) / np.where(flat, 1.0, sd)).astype(np.float32)
+        mean = s.mean(axis=1, keepdims=True, dtype=np.float64)
+        sd = s.std(axis=1, keepdims=True, dtype=np.float64)
+        flat = sd <= 1e-6 * (np.abs(s).max(axis=1, keepdims=True) + 1.0)  # a constant row (up to rounding)
+        s -= mean.astype(np.float32)
+        s /= np.where(flat, 1.0, sd).astype(np.float32)
+        s[np.broadcast_to(flat, s.shape)] = 0.0
+        return s
     if how == "rank":
-        ranks = np.empty_like(s)
         order = np.argsort(-s, axis=1, kind="stable")
-        np.put_along_axis(ranks, order, np.arange(1, s.shape[1] + 1, dtype=np.float64)[None, :], axis=1)
+        ranks = np.empty_like(s)
+        np.put_along_axis(ranks, order, np.arange(1, s.shape[1] + 1, dtype=np.float32)[None, :], axis=1)
         return (1.0 / (rank_offset + ranks)).astype(np.float32)
     raise ValueError(f"unknown norm {how!r}")
 
@@ -115,21 +119,36 @@ class Mixture(Recommender):
         rows = np.arange(len(valid))
         if self.config.valid_users and self.config.valid_users < len(rows):
             rows = np.sort(np.random.default_rng(self.config.seed).choice(rows, self.config.valid_users, replace=False))
-        hists = [valid.histories[i] for i in rows]
-        targets = [valid.targets[i] for i in rows]
-        users = valid.users[rows]
-        z = [self._member_scores(m, hists, users) for m in self.members]  # each (n_valid, n_items)
         table: list[dict[str, float]] = []
-        total = z[0].copy()
-        for j in range(1, len(z)):
-            results = {w: self._ndcg(total + w * z[j], hists, targets) for w in self.config.weight_grid}
+        for j in range(1, len(self.members)):  # member j's weight, the earlier ones fixed
+            results = self._valid_ndcg(split, rows, j)
             best = max(results, key=lambda w: (results[w], -w))  # the smallest weight among ties
             self.weights[j] = float(best)
-            total += best * z[j]
             table.append({str(w): v for w, v in results.items()})
+        best_ndcg = max(table[-1].values()) if table else self._valid_ndcg(split, rows, 0)[1.0]
         return {"members": [m.name for m in self.members], "member_fits": fits, "weights": self.weights,
-                "valid_ndcg@10_by_weight": table, "best_valid_ndcg@10": self._ndcg(total, hists, targets),
-                "valid_users": len(rows)}
+                "valid_ndcg@10_by_weight": table, "best_valid_ndcg@10": best_ndcg, "valid_users": len(rows)}
+
+    def _valid_ndcg(self, split: Split, rows: np.ndarray, j: int, batch: int = 512) -> dict[float, float]:
+        """Validation NDCG@10 of members ``0..j`` mixed with the weights fixed so far and each weight of
+        the grid for member ``j`` (``{1.0: ...}`` for ``j == 0``), scored in batches of users (memory
+        bounded by ``batch x n_items``)."""
+        valid = split.valid
+        grid = self.config.weight_grid if j > 0 else [1.0]
+        sums = dict.fromkeys(grid, 0.0)
+        for start in range(0, len(rows), batch):
+            idx = rows[start : start + batch]
+            hists = [valid.histories[i] for i in idx]
+            targets = [valid.targets[i] for i in idx]
+            users = valid.users[idx]
+            total = np.zeros((len(idx), self.n_items), dtype=np.float32)
+            for i in range(j):
+                if self.weights[i] > 0:
+                    total += np.float32(self.weights[i]) * self._member_scores(self.members[i], hists, users)
+            z = self._member_scores(self.members[j], hists, users)
+            for w in grid:
+                sums[w] += self._ndcg(total + np.float32(w) * z, hists, targets) * len(idx)
+        return {w: v / max(1, len(rows)) for w, v in sums.items()}
 
     def _member_scores(self, m: Recommender, hists: Sequence[np.ndarray], users: np.ndarray | None) -> np.ndarray:
         return normalise_rows(m.score(hists, users), self.config.norm, self.config.rank_offset)
