@@ -239,3 +239,20 @@ def test_cli_train_evaluate_recommend(cycle_dataset: Path, tmp_path: Path, capsy
     capsys.readouterr()
     assert main(["recommend", str(run), "--user", "u0", "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["recommendations"]) == 3
+
+
+def test_sasrec_companion_states_and_prior_with_the_bias(split: Split, tmp_path: Path) -> None:
+    cfg = {**TINY, "graph_bias": "fixed", "collab_state": "items", "collab_prior_grid": [0.5, 2.0],
+           "collab_minutes": 0.2, "collab_cache": False, "epochs": 1, "prior_widen": 0, "prior_alone": False}
+    model = GraphLM(GraphLMConfig(**cfg), N_ITEMS)  # type: ignore[arg-type]
+    info = model.fit(split, progress=False)
+    assert model.collab_model is not None and info["collab_prior"]["weights"] == [0.0, 0.5, 2.0]
+    hists, users = split.test.histories[:6], split.test.users[:6]
+    w = model.prior_weight = 2.0
+    with_prior = model.score(hists, users)
+    model.prior_weight = 0.0
+    np.testing.assert_allclose(with_prior - model.score(hists, users), w * model.collab_model.score(hists),
+                               rtol=1e-4, atol=1e-3)
+    model.prior_weight = w
+    model.save(tmp_path / "m")
+    np.testing.assert_allclose(GraphLM.load(tmp_path / "m").score(hists, users), with_prior, rtol=1e-4, atol=1e-4)
