@@ -129,7 +129,7 @@ def dense_reference(train: list[np.ndarray], n_items: int, nodes: np.ndarray, us
     return fw, float(dist.nbytes), time.perf_counter() - t0
 
 
-def part_graph(workdir: Path, dataset: str = "amazon-games-2018", sizes: tuple[int, ...] = (100, 200, 400, 800)) -> dict[str, Any]:
+def part_graph(workdir: Path, dataset: str = "amazon-games-2018", sizes: tuple[int, ...] = (100, 200, 400)) -> dict[str, Any]:
     import torch
 
     from llmrec.models.graph_lm.graph import TorchTables, adjacency, bias_channels, build_graph
@@ -375,7 +375,7 @@ def main() -> None:
     workdir = args.workdir / ("graph_lm-smoke" if args.smoke else "graph_lm")
     result["workdir"] = str(workdir)
     if args.part == "graph":
-        result["graph"] = part_graph(args.workdir, sizes=(50, 100) if args.smoke else (100, 200, 400, 800))
+        result["graph"] = part_graph(args.workdir, sizes=(50, 100) if args.smoke else (100, 200, 400))
     elif args.part == "baselines":
         result.setdefault("baselines", {})[args.dataset] = part_baselines(args.dataset, args.seeds, args.workdir) \
             if args.train else recorded_baselines(args.dataset)
