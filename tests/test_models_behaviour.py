@@ -37,13 +37,16 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
                    "num_threads": 1, "filter_mix": 0.3},
     "mixture": {"members": [{"name": "itemknn", "params": {"neighbors": 10, "window": 1, "transition_weight": 1.0}},
                             {"name": "popularity"}]},
+    "graph-lm": {"backbone": "random-tiny-llama", "template": "plain", "title_tokens": 2, "max_prompt_tokens": 128,
+                 "lr": 0.01, "item_lr": 0.03, "batch_size": 8, "epochs": 12, "eval_every": 20, "patience": 100,
+                 "warmup_steps": 5, "lora_dropout": 0.0, "num_threads": 1, "amp": "off", "graph_bias": "learned"},
     "semantic-id": {"embedder": "hash", "rq_levels": 2, "rq_codebook_size": 8, "rq_latent_dim": 8,
                     "rq_hidden": 32, "rq_steps": 100, "d_model": 32, "n_heads": 2, "enc_layers": 1,
                     "dec_layers": 1, "ff_size": 64, "dropout": 0.0, "max_len": 12, "lr": 0.005,
                     "batch_size": 16, "max_epochs": 80, "eval_every": 10, "patience": 100, "max_minutes": 30.0,
                     "beam_size": 20, "seed": 0, "num_threads": 1},
 }
-SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm", "llm-seqrec", "mixture"}
+SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm", "llm-seqrec", "mixture", "graph-lm"}
 
 
 

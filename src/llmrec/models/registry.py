@@ -6,6 +6,7 @@ from typing import Any
 
 from llmrec.config import ConfigError, from_dict
 from llmrec.models.base import Recommender
+from llmrec.models.graph_lm import GraphLM
 from llmrec.models.itemknn import ItemKNN
 from llmrec.models.itemtoken import ItemTokenLM
 from llmrec.models.llmseq import LLMSeqRec
@@ -22,6 +23,7 @@ MODELS: dict[str, type[Recommender]] = {
     ItemTokenLM.name: ItemTokenLM,
     LLMSeqRec.name: LLMSeqRec,
     Mixture.name: Mixture,
+    GraphLM.name: GraphLM,
 }
 
 

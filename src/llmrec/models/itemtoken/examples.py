@@ -51,7 +51,7 @@ class ExampleBuilder:
                 if len(answer) == 0:
                     continue
                 prompt = self.prompts.build(seq[:t], reserve=len(answer) - 1, lead=self._lead(user),
-                                            tail=self._tail(), ratings=None if ratings is None else ratings[:t],
+                                            tail=self._tail(user), ratings=None if ratings is None else ratings[:t],
                                             reviews=None if reviews is None else reviews[:t])
                 examples.append(training_example(prompt, answer, self.prompts.n_base, dense=cfg.dense))
                 fed = [a for a in answer[:-1] if a < self.n_items]  # answer items fed as input (next-k)
@@ -61,8 +61,9 @@ class ExampleBuilder:
             examples = [(*e, st) for e, st in zip(examples, states, strict=True)]
         return examples
 
-    def _tail(self) -> tuple[int, ...]:
-        """Token ids that close the prompt: the history-state token (``collab_state = "token"``), else none."""
+    def _tail(self, user: int | None = None) -> tuple[int, ...]:
+        """Token ids that close the prompt of ``user``: the history-state token (``collab_state = "token"``),
+        else none."""
         return (self._require_net().state_id,) if self.config.collab_state == "token" else ()
 
     def _aligned_states(self, ids: Sequence[np.ndarray], histories: Sequence[np.ndarray]) -> list[np.ndarray]:

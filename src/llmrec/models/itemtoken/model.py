@@ -85,6 +85,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
 
     name = "itemtoken-lm"
     Config = ItemTokenLMConfig
+    net_class: type[ItemTokenNet] = ItemTokenNet  # subclasses (graph-lm) may run the network their own way
 
     def __init__(self, config: ItemTokenLMConfig, n_items: int) -> None:
         super().__init__(config, n_items)
@@ -172,7 +173,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
             for p in lm.parameters():
                 p.requires_grad_(id(p) not in frozen)
         # the new item rows always train in float32, whatever dtype the (frozen) backbone has
-        self.net = ItemTokenNet(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
+        self.net = self.net_class(lm, n_base, item_emb.float(), item_head.float(), rank=cfg.item_rank,
                                 tie=cfg.tie_item_rows, head_scale=cfg.head_init_scale,
                                 item_dropout=cfg.item_dropout, user_emb=user_emb, state_dim=state_dim,
                                 collab_logits=cfg.collab_logits and state_dim > 0).to(self.device)
@@ -326,6 +327,9 @@ class ItemTokenLM(ExampleBuilder, Recommender):
     def _after_step(self, step: int) -> None:
         """Hook called after every optimizer step (tests use it to simulate an interruption)."""
 
+    def _before_finetune(self, split: Split, checkpoint_dir: Path | None, progress: bool) -> None:
+        """Hook between building the network and fine-tuning (graph-lm pre-trains here); nothing by default."""
+
     def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         """Fine-tune on ``split.train``; early stopping on validation NDCG@10 (``split.test`` is never read).
         Checkpoints go to ``checkpoint_dir`` (relative to ``workdir`` when one is given; ``""`` = ``workdir``
@@ -344,6 +348,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
             resuming = ckdir is not None and Checkpoint(ckdir, {}).exists()
             collab, collab_info, state_dim = self._fit_companion(split, resuming, progress)
             self._build(titles, n_users=len(split.train), collab=collab, state_dim=state_dim)
+            self._before_finetune(split, ckdir, progress)
             task = LMTask(self, split)
             res = fit_loop(task, task.train_config(), self.device, workdir=workdir, checkpoint_dir=ckdir,
                            progress=progress)
@@ -383,7 +388,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         history = np.asarray(history, dtype=np.int64)
         ratings, reviews = self._feedback_of(user, history)
         return self.prompts.build(history, ratings=ratings, reviews=reviews, lead=self._lead(user),
-                                  tail=self._tail()).ids
+                                  tail=self._tail(user)).ids
 
     def render(self, history: np.ndarray, user: int | None = None) -> str:
         """The prompt for ``history`` as text (item tokens shown as ``<|item_i|>``)."""
