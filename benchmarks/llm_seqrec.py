@@ -209,6 +209,13 @@ def _ci(values: list[float]) -> str:
     return f"{m:.4f} [{lo:.4f}, {hi:.4f}]" if len(values) > 1 else f"{m:.4f}"
 
 
+def _wall_min(rs: list[dict[str, Any]]) -> str:
+    """Mean wall-clock minutes of training, or "resumed" when a row's training was interrupted and resumed."""
+    if any(r.get("resumed_from") for r in rs):
+        return "resumed"
+    return f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f}"
+
+
 def _cpu_min(rs: list[dict[str, Any]]) -> str:
     """Mean CPU minutes of training over the rows that were not resumed (resumed ones lack the first part)."""
     cpu = [r["train_cpu_seconds"] / 60 for r in rs if r.get("train_cpu_seconds") is not None and not r.get("resumed_from")]
@@ -251,17 +258,19 @@ def report(rows: list[dict[str, Any]]) -> str:
             ep = f"{np.mean([r['epochs'] or 0 for r in rs]):.0f} ({np.mean([r['best_epoch'] or 0 for r in rs]):.0f})"
             md.append(f"| {RECIPES[rc][2]} | {','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
                       + f" | {np.mean([r['valid_ndcg@10'] for r in rs]):.4f} | {b[0]:.4f} / {b[1]:.4f} / {b[2]:.4f}"
-                      + f" | {ep} | {np.mean([r['train_seconds'] for r in rs]) / 60:.1f} ({_cpu_min(rs)})"
+                      + f" | {ep} | {_wall_min(rs)} ({_cpu_min(rs)})"
                       + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         md += [""]
-        base = {rc: g[(ds, rc)] for rc in BASELINES if (ds, rc) in g}
+        base = {rc: g[(ds, rc)] for rc in (*BASELINES, "sasrec-tuned+itemknn") if (ds, rc) in g}
         if base:
-            best = max(base, key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
+            best = max((rc for rc in base if rc in BASELINES),
+                       key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
             md += [f"Paired NDCG@10 gains (same seeds; the best baseline by validation is `{best}`):", ""]
             for rc in recipes:
                 if rc in BASELINES:
                     continue
-                for ref in dict.fromkeys(["sasrec-tuned", best]):
+                refs = ["sasrec-tuned", best] + (["sasrec-tuned+itemknn"] if rc.endswith("+itemknn") else [])
+                for ref in dict.fromkeys(r for r in refs if r != rc):
                     if ref not in base:
                         continue
                     gains = paired(g[(ds, rc)], base[ref])
