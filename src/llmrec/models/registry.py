@@ -6,6 +6,7 @@ from typing import Any
 
 from llmrec.config import ConfigError, from_dict
 from llmrec.models.base import Recommender
+from llmrec.models.instruct import InstructLM
 from llmrec.models.itemknn import ItemKNN
 from llmrec.models.itemtoken import ItemTokenLM
 from llmrec.models.popularity import Popularity
@@ -18,6 +19,7 @@ MODELS: dict[str, type[Recommender]] = {
     SASRec.name: SASRec,
     SemanticIDRec.name: SemanticIDRec,
     ItemTokenLM.name: ItemTokenLM,
+    InstructLM.name: InstructLM,
 }
 
 
