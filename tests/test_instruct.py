@@ -296,3 +296,19 @@ def test_cli_train_evaluate_analyze(tmp_path, make_cycle_split):
     assert json.loads((run / "metrics.json").read_text())["n_users"] > 0
     assert main(["analyze", str(run), "--users", "20"]) == 0
     assert (run / "analysis" / "analysis.md").exists() and (run / "analysis" / "position_bias.png").exists()
+
+
+def test_letter_loss_equals_cross_entropy_over_option_letters(split):
+    cfg = InstructLMConfig(mode="choice", letter_loss="letters", amp="off", **TINY)
+    model = InstructLM(cfg, split.n_items)
+    model._setup(ItemWords.from_catalog(split.catalog, split.n_items, 80), split.train_item_counts())
+    model.sampler = model._sampler(split)
+    rows = model.training_rows(split.train[:3], [(u, len(split.train[u]) - 1) for u in range(3)],
+                               np.random.default_rng(0))
+    with torch.no_grad():
+        loss = float(model.answer_loss(rows))
+        lp = option_logprobs(model.lm, [r[0][: int(np.flatnonzero(r[1] != IGNORE)[0]) + 1] for r in rows],
+                             model.letters, model.pad_id, model.device)
+    answers = [int(np.flatnonzero(model.letters == r[1][r[1] != IGNORE][0])[0]) for r in rows]
+    expected = -float(torch.log_softmax(lp, 1)[torch.arange(3), answers].mean())
+    assert loss == pytest.approx(expected, rel=1e-4)

@@ -51,6 +51,10 @@ class InstructLMConfig(CompanionKeys):
     blind: bool = False  # history-blind: prompts show no history (the text-only baseline)
     # candidates (choice / rerank)
     n_candidates: int = 20
+    # the answer's loss in choice / rerank: "vocab" = cross-entropy over the whole vocabulary on every answer
+    # token (letter and end token); "letters" = cross-entropy over the N option letters at the answer's first
+    # token (the verbalizer's own normalization; learns faster from few steps, e.g. on a truncated backbone)
+    letter_loss: Literal["vocab", "letters"] = "vocab"
     negatives: Negatives = "popularity"
     # title mode
     decoding: Literal["trie", "free"] = "trie"  # trie-constrained beam search, or free greedy + grounding

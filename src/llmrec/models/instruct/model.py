@@ -145,10 +145,19 @@ class InstructLM(Recommender):
         """Mean cross-entropy over the answer tokens of a batch of (ids, labels) rows."""
         ids, mask = pad_right([b[0] for b in batch], self.pad_id, self.device)
         labels, _ = pad_right([b[1] for b in batch], IGNORE, self.device)
+        sel = labels != IGNORE
+        if self.config.letter_loss == "letters" and self.config.mode != "title":
+            first = sel.int().argmax(dim=1)  # (B,) the answer's first position (its letter)
+            sel = torch.zeros_like(sel)
+            sel[torch.arange(len(batch)), first] = True
         with autocast(self.config.amp, self.device):
             h = hidden_states(self.lm, ids, mask)  # (B, L, H)
-            sel = labels != IGNORE
             logits = head(self.lm, h[sel])  # (M, V): the answer positions only
+        if self.config.letter_loss == "letters" and self.config.mode != "title":
+            assert self.letters is not None
+            letters = torch.as_tensor(self.letters, device=self.device)
+            target = (labels[sel][:, None] == letters[None]).int().argmax(dim=1)  # (B,) option index
+            return F.cross_entropy(logits[:, letters].float(), target)
         return F.cross_entropy(logits.float(), labels[sel])
 
     def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
