@@ -123,7 +123,7 @@ class InstructLM(Recommender):
         cfg = self.config
         histories = [train[u][:c] for u, c in cuts]
         targets = [int(train[u][c]) for u, c in cuts]
-        shortlists = self.shortlists(histories)[0] if cfg.mode == "rerank" else None
+        shortlists = self.shortlist_ids(histories) if cfg.mode == "rerank" else None
         rows = []
         for r, ((u, _), h, t) in enumerate(zip(cuts, histories, targets, strict=True)):
             choice = None
@@ -239,6 +239,11 @@ class InstructLM(Recommender):
             base = np.broadcast_to(np.log1p(self.counts).astype(np.float32), (len(hist), self.n_items)).copy()
         ids, _ = top_k(base, self.config.n_candidates, hist)
         return ids, base
+
+    def shortlist_ids(self, histories: Sequence[np.ndarray], chunk: int = 512) -> np.ndarray:
+        """(n, N) shortlists of :meth:`shortlists`, computed in chunks (bounded memory on large catalogs)."""
+        parts = [self.shortlists(histories[s : s + chunk])[0] for s in range(0, len(histories), chunk)]
+        return np.concatenate(parts) if parts else np.empty((0, self.config.n_candidates), np.int64)
 
     def _order_seed(self, history: np.ndarray) -> np.random.Generator:
         """The option order of a history's shortlist: seeded by the config seed and the history only."""
