@@ -100,10 +100,30 @@ def part_choice(run: Any, users: int) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     blind = choice_accuracy(run.model, sample, seed=0, blind=True)
     pos = np.bincount(res["records"]["chosen"], minlength=run.model.config.n_candidates)
-    return {"accuracy": res["accuracy"], "ci95": res["ci95"], "chance": res["chance"],
+    refs = reference_choice(run, sample, res["records"])
+    return {"references": refs, "accuracy": res["accuracy"], "ci95": res["ci95"], "chance": res["chance"],
             "history_blind_accuracy": blind["accuracy"], "history_blind_ci95": blind["ci95"],
             "test_users": res["n_users"], "ms_per_user": 1000 * secs / max(1, res["n_users"]),
             "chosen_letter_counts": pos.tolist()}
+
+
+def reference_choice(run: Any, sample: Any, records: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy of classic recommenders fitted on the same training split, picking among the very same
+    candidate lists (the highest-scored option): how hard the task is for a model of the item sequence."""
+    from llmrec.models.collab import fit_companion
+    from llmrec.models.instruct.evaluate import wilson
+    from llmrec.models.itemknn import ItemKNN
+
+    sasrec, _ = fit_companion(run.split, run.model.config, run.config.seed)
+    knn = ItemKNN(ItemKNN.Config(), run.split.n_items)
+    knn.fit(run.split, progress=False)
+    out = {}
+    for name, model in (("sasrec", sasrec), ("itemknn", knn)):
+        scores = model.score(sample.histories)
+        hits = sum(int(np.argmax(scores[r, opts]) == t) for r, (opts, t) in
+                   enumerate(zip(records["options"], records["truth"], strict=True)))
+        out[name] = {"accuracy": hits / len(sample), "ci95": wilson(hits, len(sample))}
+    return out
 
 
 def part_rerank(run: Any, users: int) -> dict[str, Any]:
@@ -176,6 +196,7 @@ def main() -> None:
     ap.add_argument("--finetune", default="lora")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench")
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the run trained earlier, do not train")
     ap.add_argument("--smoke", action="store_true", help="tiny random LM; results go to the workdir, not results/")
     args = ap.parse_args()
 
@@ -219,7 +240,10 @@ def main() -> None:
         params = {**COMMON, **PARAMS[args.part], **(SMOKE if args.smoke else {}), **parse_sets(args.set)}
         tag = f"{args.part}-{args.dataset}-s{args.seed}" + (f"-{args.tag}" if args.tag else "")
         run_dir = args.workdir / "runs" / tag
-        trained = train_run(args.part, dataset, args.seed, params, run_dir)
+        if args.eval_only:  # evaluate the run trained earlier (its training facts kept from the JSON)
+            trained = {k: v for k, v in result["runs"][tag].items() if k in ("train_seconds", "fit", "history")}
+        else:
+            trained = train_run(args.part, dataset, args.seed, params, run_dir)
         run = load_run(run_dir)
         users = args.users or {"choice": 500, "rerank": 800, "title": 100}[args.part]
         evaluated = {"choice": part_choice, "rerank": part_rerank, "title": part_title}[args.part](run, users)

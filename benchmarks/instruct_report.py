@@ -48,6 +48,13 @@ def choice_section(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['dataset']} | {r['tag'] or 'lora'} | {r['seed']} | {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, "
                      f"{t['ci95'][1]:.4f}] | {t['chance']:.3f} | {t['history_blind_accuracy']:.4f} "
                      f"[{t['history_blind_ci95'][0]:.4f}, {t['history_blind_ci95'][1]:.4f}] | {t['test_users']} | {_fit(r)} |")
+    refs = [(r, name, v) for r in runs for name, v in (r["test"].get("references") or {}).items()]
+    if refs:
+        lines += ["", ("Reference: classic recommenders fitted on the same training split picking the highest-scored "
+                  "option of the very same candidate lists:"), "", "| dataset | seed | model | accuracy [95% CI] |",
+                  "|---|---:|---|---:|"]
+        lines += [f"| {r['dataset']} | {r['seed']} | {name} | {v['accuracy']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |"
+                  for r, name, v in refs]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["tag"]), []).append(r)
