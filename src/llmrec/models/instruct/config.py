@@ -60,7 +60,7 @@ class InstructLMConfig(CompanionKeys):
     decoding: Literal["trie", "free"] = "trie"  # trie-constrained beam search, or free greedy + grounding
     num_beams: int = 10
     embedder: str = "all-MiniLM-L6-v2"  # grounding of free titles and text-nearest negatives ("hash" in tests)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # free decoding's limit (the trie's is the longest title)
     # rerank mode: "sasrec" (the companion, fitted on this split), "itemknn" (fitted here), or a run directory
     retriever: str = "sasrec"
     # weights w of the retriever in the shortlist score (LM log-prob + w x retriever log-softmax), chosen on validation

@@ -88,8 +88,7 @@ def title_scores(model: InstructLM, histories: Sequence[np.ndarray], users: np.n
         for r, h in enumerate(histories):
             prompt = model.prompt(h, None if users is None else int(users[r]))
             if cfg.decoding == "trie":
-                answers = trie_generate(model.lm, prompt, model.index, cfg.num_beams, cfg.max_new_tokens,
-                                        model.pad_id, eos, model.device)
+                answers = trie_generate(model.lm, prompt, model.index, cfg.num_beams, model.pad_id, eos, model.device)
                 items, bad = ranked_items(answers, model.index, np.asarray(h))
                 invalid, n_beams = invalid + bad, n_beams + len(answers)
                 out[r, items] = 10.0 + np.arange(len(items), 0, -1, dtype=np.float32)

@@ -48,9 +48,10 @@ class TitleIndex:
         return self.items_of.get(tuple(int(t) for t in generated), [])
 
 
-def trie_generate(lm: Any, prompt: np.ndarray, index: TitleIndex, num_beams: int, max_new_tokens: int,
-                  pad_id: int, eos_id: int, device: torch.device) -> list[list[int]]:
-    """Up to ``num_beams`` generated answers (token ids, best first), each a complete catalog title."""
+def trie_generate(lm: Any, prompt: np.ndarray, index: TitleIndex, num_beams: int, pad_id: int, eos_id: int,
+                  device: torch.device) -> list[list[int]]:
+    """Up to ``num_beams`` generated answers (token ids, best first), each a complete catalog title (the
+    length limit is the longest title's, so no beam is cut short)."""
     ids = torch.as_tensor(prompt, device=device)[None]
     start = ids.shape[1]
     depth = max(len(a) for a in index.answers)
@@ -59,7 +60,7 @@ def trie_generate(lm: Any, prompt: np.ndarray, index: TitleIndex, num_beams: int
         nxt = index.allowed(seq[start:].tolist())
         return nxt or [eos_id]  # a finished title can only end (it already ends with the end token)
 
-    out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=min(max_new_tokens, depth),
+    out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=depth,
                       num_beams=num_beams, num_return_sequences=num_beams, do_sample=False, early_stopping=True,
                       prefix_allowed_tokens_fn=allowed, pad_token_id=pad_id, eos_token_id=eos_id)
     answers = []
