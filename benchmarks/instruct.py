@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "bench")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the run trained earlier, do not train")
+    ap.add_argument("--refs-only", action="store_true", help="with --eval-only --part choice: only the references")
     ap.add_argument("--smoke", action="store_true", help="tiny random LM; results go to the workdir, not results/")
     args = ap.parse_args()
 
@@ -246,6 +247,18 @@ def main() -> None:
             trained = train_run(args.part, dataset, args.seed, params, run_dir)
         run = load_run(run_dir)
         users = args.users or {"choice": 500, "rerank": 800, "title": 100}[args.part]
+        if args.refs_only:  # add the classic recommenders' accuracy on the very same candidate lists
+            from llmrec.models.instruct.evaluate import choice_lists
+
+            sample = test_sample(run, users)
+            options = choice_lists(run.model, sample, seed=0)
+            truth = [int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, sample.targets, strict=True)]
+            result["runs"][tag]["test"]["references"] = reference_choice(run, sample, {"options": options, "truth": truth})
+            json_path.write_text(json.dumps(result, indent=2, default=float))
+            from instruct_report import markdown
+
+            (out_dir / "instruct.md").write_text(markdown(result))
+            return
         evaluated = {"choice": part_choice, "rerank": part_rerank, "title": part_title}[args.part](run, users)
         result.setdefault("runs", {})[tag] = {"part": args.part, "dataset": args.dataset, "seed": args.seed,
                                               "tag": args.tag, **trained, "test": evaluated, "peak_rss_mb": rss_mb(),
