@@ -46,7 +46,11 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
                     "batch_size": 16, "max_epochs": 80, "eval_every": 10, "patience": 100, "max_minutes": 30.0,
                     "beam_size": 20, "seed": 0, "num_threads": 1},
 }
-SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm", "llm-seqrec", "mixture", "graph-lm"}
+FAST_PARAMS["instruct-lm"] = {"backbone": "random-tiny-llama", "mode": "rerank", "retriever": "itemknn",
+                              "n_candidates": 4, "rerank_mix": [0.0, 1.0, 100.0], "max_steps": 10, "batch_size": 8,
+                              "lr": 0.003, "eval_every": 5, "valid_users": 0, "num_threads": 1, "amp": "off"}
+SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm", "llm-seqrec", "mixture", "graph-lm",
+              "instruct-lm"}
 
 
 

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (they share the event store)")
     p.add_argument("--workdir", type=Path, default=None, help="where the event database lives (default work/serve)")
     p.add_argument("--no-microbatch", action="store_true", help="score every request alone (for comparison)")
+
+    p = sub.add_parser("analyze", help="error analysis of an instruct-lm run (markdown + plots in RUN/analysis)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--users", type=positive_int, default=500, help="test users (a fixed seeded sample)")
+    p.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -264,6 +269,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         _cmd_serve(serve_args)
 
 
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    from llmrec.models.instruct.analysis import analyze
+
+    try:
+        analyze(args.run, n_users=args.users, seed=args.seed)
+    except ValueError as e:
+        raise LlmrecError(str(e)) from None
+    print(f"wrote {args.run / 'analysis' / 'analysis.md'} and its plots")
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -297,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed the usage error (or the help)
         return int(e.code or 0)
     handlers = {"data": _cmd_data, "train": _cmd_train, "evaluate": _cmd_evaluate,
-                "recommend": _cmd_recommend, "demo": _cmd_demo, "serve": _cmd_serve}
+                "recommend": _cmd_recommend, "demo": _cmd_demo, "serve": _cmd_serve,
+                "analyze": _cmd_analyze}
     try:
         handlers[args.command](args)
     except (LlmrecError, ConfigError, DownloadError) as e:

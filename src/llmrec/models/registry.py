@@ -7,6 +7,7 @@ from typing import Any
 from llmrec.config import ConfigError, from_dict
 from llmrec.models.base import Recommender
 from llmrec.models.graph_lm import GraphLM
+from llmrec.models.instruct import InstructLM
 from llmrec.models.itemknn import ItemKNN
 from llmrec.models.itemtoken import ItemTokenLM
 from llmrec.models.llmseq import LLMSeqRec
@@ -24,6 +25,7 @@ MODELS: dict[str, type[Recommender]] = {
     LLMSeqRec.name: LLMSeqRec,
     Mixture.name: Mixture,
     GraphLM.name: GraphLM,
+    InstructLM.name: InstructLM,
 }
 
 
