@@ -112,7 +112,7 @@ def title_section(result: dict[str, Any]) -> list[str]:
         loo = json.loads(it.read_text()).get("loo") or {}
         if loo:
             gen = loo.get("generated_lists", {})
-            lines += ["", (f"Beside the item-token LM (benchmarks/results/itemtoken.md, Office, no SASRec signal): fast path "
+            lines += ["", (f"Beside the item-token LM (its leave-one-out run `loo` in benchmarks/results/itemtoken.json, Office): fast path "
                       f"ndcg@10 {loo['test']['ndcg@10']:.4f} on all {loo['test_users']} test users; constrained beam lists "
                       f"ndcg@10 {gen.get('beam', {}).get('ndcg@10', float('nan')):.4f} on {gen.get('users')} sampled users.")]
     examples = [e for r in runs for e in r["test"]["free"].get("examples", [])][:5]
