@@ -80,6 +80,19 @@ def test_search_basket_recommendations_and_product_page(server: str, browser: ob
         cards = d.find_elements(By.CSS_SELECTOR, "#recs .card")  # type: ignore[attr-defined]
         return {c.get_attribute("data-model"): c.get_attribute("data-items") or "" for c in cards}
 
+    def click(css: str) -> None:
+        """Click the element ``css`` names, finding it again if the page re-rendered it meanwhile."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def attempt(_: object) -> bool:
+            try:
+                d.find_element(By.CSS_SELECTOR, css).click()  # type: ignore[attr-defined]
+                return True
+            except StaleElementReferenceException:  # the search re-rendered the list as the user typed
+                return False
+
+        wait.until(attempt)
+
     d.get(server)  # type: ignore[attr-defined]
     wait.until(lambda _: d.execute_script("return document.body.dataset.ready") == "1")  # type: ignore[attr-defined]
     wait.until(lambda _: all(lists().values()) and len(lists()) == 3)
@@ -90,7 +103,7 @@ def test_search_basket_recommendations_and_product_page(server: str, browser: ob
     search.send_keys("Product 7")
     wait.until(lambda _: d.find_elements(By.CSS_SELECTOR, '#results li[data-item="item-7"]'))  # type: ignore[attr-defined]
     shot("02-search")
-    d.find_element(By.CSS_SELECTOR, '#results li[data-item="item-7"] button.add').click()  # type: ignore[attr-defined]
+    click('#results li[data-item="item-7"] button.add')
     wait.until(lambda _: d.find_element(By.ID, "basket-count").text == "1")  # type: ignore[attr-defined]
     search.clear()
     search.send_keys("Product 8")  # the keyboard path: arrow down to the first result, + adds it
@@ -110,7 +123,7 @@ def test_search_basket_recommendations_and_product_page(server: str, browser: ob
     latency = d.find_element(By.CSS_SELECTOR, '#recs .card[data-model="sasrec"] .sub').text  # type: ignore[attr-defined]
     assert "ms" in latency
 
-    d.find_element(By.CSS_SELECTOR, '#recs .card[data-model="itemknn"] li a').click()  # type: ignore[attr-defined]
+    click('#recs .card[data-model="itemknn"] li a')
     wait.until(lambda _: d.find_element(By.ID, "view-item").is_displayed())  # type: ignore[attr-defined]
     wait.until(lambda _: d.find_element(By.ID, "item-title").text == "Product 9")  # type: ignore[attr-defined]
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#similar .card li")) >= 8)  # type: ignore[attr-defined]
@@ -124,6 +137,19 @@ def test_search_basket_recommendations_and_product_page(server: str, browser: ob
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == 3)  # type: ignore[attr-defined]
     shot("06-models")
     d.set_window_size(390, 844)  # type: ignore[attr-defined]
+    def click(css: str) -> None:
+        """Click the element ``css`` names, finding it again if the page re-rendered it meanwhile."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def attempt(_: object) -> bool:
+            try:
+                d.find_element(By.CSS_SELECTOR, css).click()  # type: ignore[attr-defined]
+                return True
+            except StaleElementReferenceException:  # the search re-rendered the list as the user typed
+                return False
+
+        wait.until(attempt)
+
     d.get(server)  # type: ignore[attr-defined]
     wait.until(lambda _: d.execute_script("return document.body.dataset.ready") == "1")  # type: ignore[attr-defined]
     width = d.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
