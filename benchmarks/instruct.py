@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import parse_overrides as parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -64,17 +65,6 @@ SMOKE = {"backbone": "random-tiny-llama", "n_layers": 0, "max_minutes": 0.3, "va
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def train_run(part: str, dataset: Path, seed: int, params: dict[str, Any], out: Path) -> dict[str, Any]:

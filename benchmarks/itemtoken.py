@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -104,17 +105,6 @@ def latency(fn: Any, histories: list[np.ndarray]) -> dict[str, float]:
         fn([h])
         times.append(1000 * (time.perf_counter() - t0))
     return {"median_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "n_users": len(times)}
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def without_prior(model: Any, evalset: Any, ks: list[int]) -> Any:

@@ -31,6 +31,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see SASRecConfig)
 
 import numpy as np
+from common import parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -320,16 +321,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    import tomllib
-
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = tomllib.loads(f"v = {value}")["v"]
-    return out
 
 
 def main() -> None:

@@ -137,19 +137,6 @@ def test_search_basket_recommendations_and_product_page(server: str, browser: ob
     wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")) == 3)  # type: ignore[attr-defined]
     shot("06-models")
     d.set_window_size(390, 844)  # type: ignore[attr-defined]
-    def click(css: str) -> None:
-        """Click the element ``css`` names, finding it again if the page re-rendered it meanwhile."""
-        from selenium.common.exceptions import StaleElementReferenceException
-
-        def attempt(_: object) -> bool:
-            try:
-                d.find_element(By.CSS_SELECTOR, css).click()  # type: ignore[attr-defined]
-                return True
-            except StaleElementReferenceException:  # the search re-rendered the list as the user typed
-                return False
-
-        wait.until(attempt)
-
     d.get(server)  # type: ignore[attr-defined]
     wait.until(lambda _: d.execute_script("return document.body.dataset.ready") == "1")  # type: ignore[attr-defined]
     width = d.execute_script("return document.documentElement.scrollWidth")  # type: ignore[attr-defined]
