@@ -280,11 +280,11 @@ def paired(workdir: Path, runs: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def seed_interval(gains: list[float]) -> str:
-    from llmrec.eval.report import summarize_seeds
+    from llmrec.eval.report import seed_interval as interval
 
     if len(gains) < 2:
         return f"{gains[0]:+.4f} (1 seed)"
-    mean, lo, hi = summarize_seeds([{"g": g} for g in gains])["g"]
+    mean, lo, hi = interval(gains)
     return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}] ({len(gains)} seeds)"
 
 

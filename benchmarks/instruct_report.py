@@ -8,18 +8,17 @@ from typing import Any
 
 import numpy as np
 
+from llmrec.eval.report import seed_interval
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def t_interval(values: list[float]) -> str:
     """mean [95% Student t interval] over seeds (the mean alone for one seed)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return f"{x.mean():.4f} (1 seed)"
-    h = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return f"{x.mean():.4f} [{x.mean() - h:.4f}, {x.mean() + h:.4f}]"
+    if len(values) < 2:
+        return f"{float(np.mean(values)):.4f} (1 seed)"
+    m, lo, hi = seed_interval(values)
+    return f"{m:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
 def _runs(result: dict[str, Any], part: str) -> list[dict[str, Any]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import platform
 import resource
@@ -32,6 +31,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 
 import numpy as np
 from common import parse_overrides
+
+from llmrec.eval.report import seed_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -193,20 +194,8 @@ def embed_timing(dataset: str, workdir: Path, text_model: str = "all-MiniLM-L6-v
             "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high): 95% Student-t interval over seeds (collapsed for one value)."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean())
-    if len(v) < 2:
-        return m, m, m
-    half = float(stats.t.ppf(0.975, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
-    return m, m - half, m + half
-
-
 def _ci(values: list[float]) -> str:
-    m, lo, hi = t_interval(values)
+    m, lo, hi = seed_interval(values)
     return f"{m:.4f} [{lo:.4f}, {hi:.4f}]" if len(values) > 1 else f"{m:.4f}"
 
 
@@ -277,7 +266,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                     gains = paired(g[(ds, rc)], base[ref])
                     if not gains:
                         continue
-                    m, lo, hi = t_interval(gains)
+                    m, lo, hi = seed_interval(gains)
                     rel = m / np.mean([r["test"]["ndcg@10"] for r in base[ref].values()])
                     verdict = ("interval excludes 0" if len(gains) > 1 and lo > 0 else
                                "one seed: no interval" if len(gains) == 1 else "interval includes 0")

@@ -67,7 +67,39 @@ def test_two_members_that_agree_mix_to_the_same_ranking(make_cycle_split) -> Non
 def test_bad_members_are_errors_that_name_them() -> None:
     with pytest.raises(ConfigError, match=r"members\[1\]\.params\.neighbours"):
         build_model("mixture", {"members": [KNN, {"name": "itemknn", "params": {"neighbours": 3}}]}, N_ITEMS)
-    with pytest.raises(ValueError, match="cannot contain a mixture"):
+    with pytest.raises(ValueError, match=r"members\[0\]: a mixture cannot contain a mixture"):
         build_model("mixture", {"members": [{"name": "mixture"}]}, N_ITEMS)
     with pytest.raises(ConfigError, match="unknown model 'knn'"):
         build_model("mixture", {"members": [{"name": "knn"}]}, N_ITEMS)
+
+
+def test_trained_runs_join_a_mixture_without_refitting(served_runs, make_cycle_split, tmp_path: Path) -> None:
+    from llmrec.runs import load_run
+
+    sas, knn = load_run(served_runs["sasrec"]), load_run(served_runs["itemknn"])
+    members = [{"run": str(served_runs["sasrec"])}, {"name": "itemknn", "run": str(served_runs["itemknn"])}]
+    model = build_model("mixture", {"members": members, "weight_grid": [0.0, 1.0]}, sas.model.n_items)
+    info = model.fit(sas.split, progress=False)
+    assert info["member_fits"][0] == {"run": str(served_runs["sasrec"])}
+    hist = sas.split.test.histories[:6]
+    np.testing.assert_array_equal(model.members[0].score(hist), sas.model.score(hist))  # the run's weights
+    np.testing.assert_array_equal(model.members[1].score(hist), knn.model.score(hist))
+    model.save(tmp_path / "m")
+    again = Mixture.load(tmp_path / "m")
+    np.testing.assert_allclose(again.score(hist), model.score(hist), rtol=1e-6)
+
+    other = make_cycle_split(seed=5)  # another split of as many items
+    with pytest.raises(ValueError, match=r"members\[0\]\.run: .* another dataset or split"):
+        build_model("mixture", {"members": members}, sas.model.n_items).fit(other, progress=False)
+
+
+def test_bad_run_members_are_errors_that_name_them(served_runs, tmp_path: Path) -> None:
+    run = str(served_runs["sasrec"])
+    with pytest.raises(ConfigError, match=r"members\[0\]\.run: .* holds a 'sasrec' model, not 'itemknn'"):
+        build_model("mixture", {"members": [{"name": "itemknn", "run": run}]}, N_ITEMS)
+    with pytest.raises(ConfigError, match=r"members\[1\]\.run: .* is not a trained run"):
+        build_model("mixture", {"members": [KNN, {"run": str(tmp_path)}]}, N_ITEMS)
+    with pytest.raises(ValueError, match=r"members\[0\]: give params .* or run .*, not both"):
+        build_model("mixture", {"members": [{"run": run, "params": {"neighbors": 3}}]}, N_ITEMS)
+    with pytest.raises(ValueError, match=r"members\[0\]: needs name"):
+        build_model("mixture", {"members": [{}]}, N_ITEMS)

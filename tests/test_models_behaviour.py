@@ -45,10 +45,10 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
                     "dec_layers": 1, "ff_size": 64, "dropout": 0.0, "max_len": 12, "lr": 0.005,
                     "batch_size": 16, "max_epochs": 80, "eval_every": 10, "patience": 100, "max_minutes": 30.0,
                     "beam_size": 20, "seed": 0, "num_threads": 1},
+    "instruct-lm": {"backbone": "random-tiny-llama", "mode": "rerank", "retriever": "itemknn", "n_candidates": 4,
+                    "rerank_mix": [0.0, 1.0, 100.0], "max_steps": 10, "batch_size": 8, "lr": 0.003, "eval_every": 5,
+                    "valid_users": 0, "num_threads": 1, "amp": "off"},
 }
-FAST_PARAMS["instruct-lm"] = {"backbone": "random-tiny-llama", "mode": "rerank", "retriever": "itemknn",
-                              "n_candidates": 4, "rerank_mix": [0.0, 1.0, 100.0], "max_steps": 10, "batch_size": 8,
-                              "lr": 0.003, "eval_every": 5, "valid_users": 0, "num_threads": 1, "amp": "off"}
 SEQUENTIAL = {"itemknn", "sasrec", "semantic-id", "itemtoken-lm", "llm-seqrec", "mixture", "graph-lm",
               "instruct-lm"}
 

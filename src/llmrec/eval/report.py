@@ -71,6 +71,11 @@ def summarize_seeds(
     return out
 
 
+def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of one metric over seeds: :func:`summarize_seeds` for a plain list."""
+    return summarize_seeds([{"v": float(v)} for v in values], confidence)["v"]
+
+
 def format_summary_table(
     rows: dict[str, dict[str, tuple[float, float, float]]], columns: list[str], decimals: int = 4
 ) -> str:

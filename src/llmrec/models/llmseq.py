@@ -127,18 +127,19 @@ class LLMSeqRec(SASRec):
     Config = LLMSeqRecConfig
 
     def __init__(self, config: LLMSeqRecConfig, n_items: int) -> None:
-        super().__init__(config, n_items)
+        self._text: torch.Tensor | None = None  # (n_items, D) once fit / load has embedded the item texts
         self.config: LLMSeqRecConfig = config
+        super().__init__(config, n_items)
         self.text_seconds = 0.0
-        if config.item_repr == "id":
-            self._build(None)
-        # otherwise the net is rebuilt by fit / load once the text vectors are known
+
+    def _new_net(self) -> SASRecNet:
+        if self.config.item_repr != "id" and self._text is None:
+            return super()._new_net()  # a placeholder until fit / load knows the text vectors
+        return TextItemNet(self.config, self.n_items, self._text)
 
     def _build(self, text: np.ndarray | None) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            t = None if text is None else torch.from_numpy(np.asarray(text, dtype=np.float32))
-            self.net = TextItemNet(self.config, self.n_items, t).to(self.device)
+        self._text = None if text is None else torch.from_numpy(np.asarray(text, dtype=np.float32))
+        self._build_net()
 
     def text_vectors(self, catalog: Catalog | None, progress: bool = False) -> np.ndarray:
         """(n_items, D) normalised frozen text vectors of every item (embedded once, cached on disk)."""

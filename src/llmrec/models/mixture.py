@@ -12,6 +12,11 @@ validation users (``valid_users`` of them, a fixed seeded sample, or all): ``spl
 read. A weight of 0 leaves a member out, so the mixture is never chosen worse on validation than
 its first member.
 
+A member is either fitted here (``name`` and its ``params``) or read from a trained run directory
+(``run``, e.g. ``runs/sasrec``; any model, a mixture included), which must have been trained on the
+same split: combining trained runs costs only their scoring. Such a run must exist whenever the
+mixture is built or loaded; its weights are saved inside the mixture.
+
 Id spaces: dataset items ``0..n_items-1``; score matrices ``(n_histories, n_items)``.
 """
 
@@ -32,10 +37,12 @@ from llmrec.models.train import say
 
 @dataclass
 class MixtureMember:
-    """One member: a registered model name and its own config keys (checked by that model's config)."""
+    """One member: a registered model name and its own config keys (checked by that model's config), or
+    ``run``: the directory of a trained llmrec run (``name``, if given, must be its model's)."""
 
-    name: str = "sasrec"
+    name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    run: str = ""
 
 
 @dataclass
@@ -51,8 +58,13 @@ class MixtureConfig:
     def __post_init__(self) -> None:
         if len(self.members) < 1:
             raise ValueError("members: a mixture needs at least one member")
-        if any(m.name == "mixture" for m in self.members):
-            raise ValueError("members: a mixture cannot contain a mixture")
+        for i, m in enumerate(self.members):
+            if m.run and m.params:
+                raise ValueError(f"members[{i}]: give params (a model fitted here) or run (a trained run), not both")
+            if not m.run and not m.name:
+                raise ValueError(f"members[{i}]: needs name (a registered model) or run (a trained run directory)")
+            if m.name == "mixture" and not m.run:
+                raise ValueError(f"members[{i}]: a mixture cannot contain a mixture (except a trained run of one)")
         if not self.weight_grid or any(not w >= 0 for w in self.weight_grid):
             raise ValueError(f"weight_grid must hold weights >= 0, got {self.weight_grid}")
         if self.valid_users < 0 or self.rank_offset <= 0:
@@ -83,6 +95,41 @@ def normalise_rows(scores: np.ndarray, how: str, rank_offset: float = 60.0) -> n
     raise ValueError(f"unknown norm {how!r}")
 
 
+def _run_member(member: MixtureMember, i: int, n_items: int) -> Recommender:
+    """An unfitted model of the kind and config saved in run ``member.run`` (weights: :func:`_load_run_member`)."""
+    import json
+
+    from llmrec.config import ConfigError
+    from llmrec.models.registry import build_model
+
+    meta_file = Path(member.run) / "model" / "model.json"
+    where = f"model.params.members[{i}].run"
+    try:
+        meta = json.loads(meta_file.read_text())
+        name, config, run_items = meta["model"], meta["config"], meta["n_items"]
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {member.run} is not a trained run (no {meta_file})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: {meta_file}: damaged model record ({e})") from None
+    if member.name and member.name != name:
+        raise ConfigError(f"{where}: {member.run} holds a {name!r} model, not {member.name!r}")
+    if run_items != n_items:
+        raise ConfigError(f"{where}: {member.run} was trained on {run_items} items, this mixture has {n_items}")
+    return build_model(name, config, n_items, where=f"{meta_file}: config")
+
+
+def _load_run_member(run: str, i: int, split: Split) -> Recommender:
+    """The trained model of run directory ``run``, checked to have been trained on ``split``."""
+    from llmrec.data.splits import split_digest
+    from llmrec.runs import load_run
+
+    loaded = load_run(run)
+    if split_digest(loaded.split) != split_digest(split):
+        raise ValueError(f"members[{i}].run: {run} was trained on another dataset or split than this mixture's "
+                         f"({loaded.record['dataset']['path']})")
+    return loaded.model
+
+
 class Mixture(Recommender):
     """Weighted sum of normalised member scores (see the module docstring)."""
 
@@ -97,6 +144,9 @@ class Mixture(Recommender):
 
         self.members: list[Recommender] = []
         for i, m in enumerate(config.members):
+            if m.run:
+                self.members.append(_run_member(m, i, n_items))
+                continue
             params = dict(m.params)
             if "seed" in {f.name for f in fields(model_class(m.name).Config)} and "seed" not in params:
                 params["seed"] = config.seed
@@ -109,10 +159,16 @@ class Mixture(Recommender):
 
     def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         """Fit every member, then choose the weights on validation (``split.test`` is never read)."""
-        fits = []
+        fits: list[dict[str, Any]] = []
         for i, m in enumerate(self.members):
-            say(progress, f"mixture: fitting member {i} ({m.name})")
             m.feedback = self.feedback
+            if self.config.members[i].run:
+                say(progress, f"mixture: member {i} ({m.name}) from {self.config.members[i].run}")
+                self.members[i] = m = _load_run_member(self.config.members[i].run, i, split)
+                m.feedback = self.feedback
+                fits.append({"run": self.config.members[i].run})
+                continue
+            say(progress, f"mixture: fitting member {i} ({m.name})")
             sub = None if workdir is None else Path(workdir) / f"member-{i}"
             fits.append(m.fit(split, progress=progress, workdir=sub))
         valid = split.valid

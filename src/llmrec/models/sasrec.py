@@ -303,9 +303,16 @@ class SASRec(Recommender):
     def __init__(self, config: SASRecConfig, n_items: int) -> None:
         super().__init__(config, n_items)
         self.device = device_for(config.device)
+        self._build_net()
+
+    def _build_net(self) -> None:
+        """(Re)build ``self.net`` from ``config.seed`` (the same seed gives the same initial weights)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.net = SASRecNet(config, self.n_items).to(self.device)
+            torch.manual_seed(self.config.seed)
+            self.net = self._new_net().to(self.device)
+
+    def _new_net(self) -> SASRecNet:
+        return SASRecNet(self.config, self.n_items)
 
     # --- helpers ---------------------------------------------------------------------------
     def _training_rows(self, train: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec.data.splits import Split, split_digest
+from llmrec.data.splits import Split
 from llmrec.models.amp import autocast
 from llmrec.models.graph_lm.graph import GraphTables
-from llmrec.models.itemtoken.config import _RESUME_FREE
 from llmrec.models.itemtoken.prompts import IGNORE
-from llmrec.models.train import TrainConfig, TrainTask
+from llmrec.models.itemtoken.training import LMStateTask
+from llmrec.models.train import TrainConfig
 
 if TYPE_CHECKING:
     from llmrec.models.graph_lm.model import GraphLM
@@ -94,12 +93,13 @@ def pretrain_examples(model: GraphLM, split: Split, tables: GraphTables) -> list
     return out
 
 
-class PretrainTask(TrainTask):
+class PretrainTask(LMStateTask):
     """Pre-training for the shared loop: the examples of :func:`pretrain_examples` in shuffled batches of
     similar length; loss = item-softmax cross-entropy at item labels + vocabulary cross-entropy at text
     labels; no validation (the budget ``pretrain_minutes`` / ``pretrain_steps`` ends it)."""
 
     name = "graph-lm pretraining"
+    stage = "pretrain"
 
     def __init__(self, model: GraphLM, split: Split, tables: GraphTables) -> None:
         self.model, self.split, self.module = model, split, model._require_net()
@@ -145,13 +145,3 @@ class PretrainTask(TrainTask):
             if bool(sel.any()):
                 loss = loss + F.cross_entropy(net._head(h[sel]).float(), text_labels[sel])
         return loss, 1.0
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.trainable_state().items()}
-
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
-        self.model._load_trainable(state)
-
-    def resume_key(self) -> dict[str, Any]:
-        cfg = {k: v for k, v in asdict(self.model.config).items() if k not in _RESUME_FREE}
-        return {"config": cfg, "data": split_digest(self.split), "stage": "pretrain"}

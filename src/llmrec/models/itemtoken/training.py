@@ -32,7 +32,30 @@ def checkpoint_root(checkpoint_dir: str, workdir: str | Path | None) -> Path | N
     return None if workdir is None else Path(workdir)
 
 
-class LMTask(TrainTask):
+class LMStateTask(TrainTask):
+    """What every task that trains an item-token LM's trainable state shares: the snapshot and restore
+    of that state, and the resume key (config without the resume-free keys, the split's digest, and
+    ``stage`` when the task sets one, so that two stages of one fit never resume each other)."""
+
+    model: ItemTokenLM
+    split: Split
+    stage: str | None = None
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.trainable_state().items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.model._load_trainable(state)
+
+    def resume_key(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in asdict(self.model.config).items() if k not in _RESUME_FREE}
+        key: dict[str, Any] = {"config": cfg, "data": split_digest(self.split)}
+        if self.stage is not None:
+            key["stage"] = self.stage
+        return key
+
+
+class LMTask(LMStateTask):
     """The item-token LM's fine-tuning for the shared loop: prompts of training prefixes (rebuilt per
     epoch only when cut points are sampled), batches of similar length shuffled per (seed, epoch),
     item-softmax loss; validation NDCG@10 on a fixed sample of validation users."""
@@ -88,16 +111,6 @@ class LMTask(TrainTask):
 
     def validate(self) -> float:
         return self.model._validate(self.valid)
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.trainable_state().items()}
-
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
-        self.model._load_trainable(state)
-
-    def resume_key(self) -> dict[str, Any]:
-        cfg = {k: v for k, v in asdict(self.model.config).items() if k not in _RESUME_FREE}
-        return {"config": cfg, "data": split_digest(self.split)}
 
     def after_step(self, step: int) -> None:
         self.model._after_step(step)
