@@ -49,6 +49,8 @@ BUDGET = {"max_minutes": 150.0}
 # 0.0628 at epoch 10 of a 30-epoch cosine run, against 0.0605 for the shipped hidden 64 at epoch 10 (0.0623 at
 # its best, epoch 17 of 20). Everything else is SASRec's shipped config (dropout 0.5, 2 layers, max_len 50).
 ENCODER: dict[str, Any] = {**BUDGET, "hidden_size": 128, "max_epochs": 20}
+# the mixtures' first weight grid (their rows were measured with it); the default grid is finer near 0
+COARSE_GRID = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
 RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     "itemknn": ("itemknn", {}, "ItemKNN (baseline)"),
     "sasrec": ("sasrec", {"max_minutes": 18.0}, "SASRec as shipped (baseline)"),
@@ -63,13 +65,25 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
                       "llm-seqrec fused, SmolLM2 mean-pooled states"),
     "fused-filter": ("llm-seqrec", {**ENCODER, "filter_mix": 0.3}, "llm-seqrec fused + low-pass filter"),
     # mixtures (weights chosen on validation); their first member is also stored as its own recipe
-    "fused+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**ENCODER}}, {"name": "itemknn"}]},
-                      "mixture: llm-seqrec fused + ItemKNN"),
-    "sasrec-tuned+itemknn": ("mixture", {"members": [{"name": "sasrec", "params": {**ENCODER}},
-                                                     {"name": "itemknn"}]}, "mixture: SASRec tuned + ItemKNN"),
+    "fused+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**ENCODER}}, {"name": "itemknn"}],
+                                  "weight_grid": COARSE_GRID}, "mixture: llm-seqrec fused + ItemKNN"),
+    "sasrec-tuned+itemknn": ("mixture", {"members": [{"name": "sasrec", "params": {**ENCODER}}, {"name": "itemknn"}],
+                                         "weight_grid": COARSE_GRID}, "mixture: SASRec tuned + ItemKNN"),
+    # the trained encoder of a mixture above (a recipe's run of the same seed) with ItemKNN, weights chosen on
+    # the default grid (denser near 0); no new training
+    "fused+itemknn-fine": ("mixture", {"members": [{"run": "fused+itemknn", "member": 0}, {"name": "itemknn"}]},
+                           "mixture: llm-seqrec fused + ItemKNN, finer weight grid"),
+    "sasrec-tuned+itemknn-fine": ("mixture", {"members": [{"run": "sasrec-tuned+itemknn", "member": 0},
+                                                          {"name": "itemknn"}]},
+                                  "mixture: SASRec tuned + ItemKNN, finer weight grid"),
+    # a mixture of two trained mixtures above (members given as recipes: that recipe's run of the same seed)
+    "fused+sasrec+itemknn": ("mixture", {"members": [{"run": "fused+itemknn"}, {"run": "sasrec-tuned+itemknn"}]},
+                             "mixture of the two mixtures above (no new training)"),
 }
 FIRST_MEMBER = {"fused+itemknn": "fused", "sasrec-tuned+itemknn": "sasrec-tuned"}
 BASELINES = ("itemknn", "sasrec", "sasrec-tuned")
+# a mixture recipe (by its name's end) is also paired with the same mixture built on the tuned SASRec
+PAIRED_MIXTURE = {"+itemknn": "sasrec-tuned+itemknn", "+itemknn-fine": "sasrec-tuned+itemknn-fine"}
 DETERMINISTIC = ("itemknn", "popularity")
 
 
@@ -91,7 +105,10 @@ def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict
     from llmrec.runs import ModelSection, RunConfig, load_run, train
 
     model, params, _ = RECIPES[recipe]
-    if model == "mixture":  # overrides go to the first member (the trained encoder)
+    if model == "mixture" and "run" in params["members"][0]:  # members from earlier recipes' runs
+        params = {**params, "members": [{**m, "run": str(_recipe_run(workdir, dataset, m["run"], seed))} if "run" in m
+                                        else m for m in params["members"]], **overrides}
+    elif model == "mixture":  # overrides go to the first member (the trained encoder)
         first, *rest = params["members"]
         params = {**params, "members": [{**first, "params": {**first["params"], **overrides}}, *rest]}
     else:
@@ -119,9 +136,17 @@ def run_one(dataset: str, recipe: str, seed: int, workdir: Path, overrides: dict
                   "resumed_from": (fit.get("member_fits") or [fit])[0].get("resumed_from"), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "params": params, "overrides": overrides, "machine_load": os.getloadavg()[0],
                   "when": time.strftime("%Y-%m-%d %H:%M:%S")})
-    if recipe in FIRST_MEMBER:
+    if model == "mixture":
         rows[0]["weights"] = fit["weights"]
     return rows
+
+
+def _recipe_run(workdir: Path, dataset: str, recipe: str, seed: int) -> Path:
+    """The finished run directory of ``recipe`` for (dataset, seed)."""
+    path = workdir / "runs" / f"{dataset}-{recipe}-{seed}"
+    if not (path / "run.json").exists():
+        sys.exit(f"{path}: no finished run; run --dataset {dataset} --recipe {recipe} --seed {seed} first")
+    return path
 
 
 def _cpu_seconds() -> float:
@@ -251,7 +276,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                       + f" | {ep} | {_wall_min(rs)} ({_cpu_min(rs)})"
                       + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         md += [""]
-        base = {rc: g[(ds, rc)] for rc in (*BASELINES, "sasrec-tuned+itemknn") if (ds, rc) in g}
+        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values()) if (ds, rc) in g}
         if base:
             best = max((rc for rc in base if rc in BASELINES),
                        key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
@@ -259,7 +284,7 @@ def report(rows: list[dict[str, Any]]) -> str:
             for rc in recipes:
                 if rc in BASELINES:
                     continue
-                refs = ["sasrec-tuned", best] + (["sasrec-tuned+itemknn"] if rc.endswith("+itemknn") else [])
+                refs = ["sasrec-tuned", best] + [ref for end, ref in PAIRED_MIXTURE.items() if rc.endswith(end)]
                 for ref in dict.fromkeys(r for r in refs if r != rc):
                     if ref not in base:
                         continue
@@ -268,7 +293,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                         continue
                     m, lo, hi = seed_interval(gains)
                     rel = m / np.mean([r["test"]["ndcg@10"] for r in base[ref].values()])
-                    verdict = ("interval excludes 0" if len(gains) > 1 and lo > 0 else
+                    verdict = ("interval excludes 0" if len(gains) > 1 and (lo > 0 or hi < 0) else
                                "one seed: no interval" if len(gains) == 1 else "interval includes 0")
                     md.append(f"- `{rc}` vs `{ref}`: {m:+.4f} ({rel:+.1%}) [{lo:+.4f}, {hi:+.4f}] over "
                               f"{len(gains)} seed(s), {verdict}; per seed " + " / ".join(f"{x:+.4f}" for x in gains))

@@ -103,3 +103,36 @@ def test_bad_run_members_are_errors_that_name_them(served_runs, tmp_path: Path) 
         build_model("mixture", {"members": [{"run": run, "params": {"neighbors": 3}}]}, N_ITEMS)
     with pytest.raises(ValueError, match=r"members\[0\]: needs name"):
         build_model("mixture", {"members": [{}]}, N_ITEMS)
+
+
+def test_the_cli_trains_and_evaluates_a_mixture_of_trained_runs(served_runs, cycle_dataset: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from llmrec.cli import main
+
+    config = tmp_path / "mix.toml"
+    config.write_text(f'dataset = "{cycle_dataset}"\n[model]\nname = "mixture"\n'
+                      f'[[model.params.members]]\nrun = "{served_runs["sasrec"]}"\n'
+                      f'[[model.params.members]]\nrun = "{served_runs["popularity"]}"\n')
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["evaluate", str(tmp_path / "run"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0.0 <= metrics["overall"]["ndcg@10"] <= 1.0
+
+    from llmrec.runs import load_run
+
+    mixed = load_run(tmp_path / "run")  # member 0 of that trained mixture, beside a model fitted here
+    pick = build_model("mixture", {"members": [{"run": str(tmp_path / "run"), "member": 0}, KNN]}, mixed.model.n_items)
+    assert pick.members[0].name == "sasrec"
+    pick.fit(mixed.split, progress=False)
+    hist = mixed.split.test.histories[:5]
+    np.testing.assert_array_equal(pick.members[0].score(hist), load_run(served_runs["sasrec"]).model.score(hist))
+    with pytest.raises(ConfigError, match=r"members\[0\]\.run: .* holds a 'sasrec' model, which has no member 1"):
+        build_model("mixture", {"members": [{"run": str(served_runs["sasrec"]), "member": 1}]}, N_ITEMS)
+    with pytest.raises(ValueError, match=r"members\[0\]: member = 0 picks a member of a trained run; give run"):
+        build_model("mixture", {"members": [{"name": "itemknn", "member": 0}]}, N_ITEMS)
+
+    config.write_text(config.read_text().replace(str(served_runs["popularity"]), str(tmp_path / "missing")))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "members[1].run" in capsys.readouterr().err and not (tmp_path / "bad").exists()

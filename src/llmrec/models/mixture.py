@@ -13,9 +13,13 @@ read. A weight of 0 leaves a member out, so the mixture is never chosen worse on
 its first member.
 
 A member is either fitted here (``name`` and its ``params``) or read from a trained run directory
-(``run``, e.g. ``runs/sasrec``; any model, a mixture included), which must have been trained on the
-same split: combining trained runs costs only their scoring. Such a run must exist whenever the
-mixture is built or loaded; its weights are saved inside the mixture.
+(``run``, e.g. ``runs/sasrec``; any model, a mixture included, or with ``member = i`` the i-th member
+of a trained mixture), which must have been trained on the same split: combining trained runs costs
+only their scoring. Such a run must exist whenever the mixture is built or loaded; its weights are
+saved inside the mixture.
+
+The default weight grid is denser near 0 than above 1: a sparse scorer such as ItemKNN, z-scored, is
+peaked, and its best weight beside a dense one is often small.
 
 Id spaces: dataset items ``0..n_items-1``; score matrices ``(n_histories, n_items)``.
 """
@@ -38,18 +42,21 @@ from llmrec.models.train import say
 @dataclass
 class MixtureMember:
     """One member: a registered model name and its own config keys (checked by that model's config), or
-    ``run``: the directory of a trained llmrec run (``name``, if given, must be its model's)."""
+    ``run``: the directory of a trained llmrec run (``name``, if given, must be its model's), and with
+    ``member >= 0`` that member of the run's mixture."""
 
     name: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     run: str = ""
+    member: int = -1  # with run: -1 = the run's whole model, i >= 0 = member i of the run's mixture
 
 
 @dataclass
 class MixtureConfig:
     members: list[MixtureMember] = field(
         default_factory=lambda: [MixtureMember("llm-seqrec"), MixtureMember("itemknn")])
-    weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5])
+    weight_grid: list[float] = field(
+        default_factory=lambda: [0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0])
     norm: Literal["zscore", "rank"] = "zscore"
     rank_offset: float = 60.0  # reciprocal-rank fusion's constant (norm = "rank")
     valid_users: int = 0  # validation users that choose the weights (0 = all)
@@ -61,6 +68,8 @@ class MixtureConfig:
         for i, m in enumerate(self.members):
             if m.run and m.params:
                 raise ValueError(f"members[{i}]: give params (a model fitted here) or run (a trained run), not both")
+            if m.member >= 0 and not m.run:
+                raise ValueError(f"members[{i}]: member = {m.member} picks a member of a trained run; give run too")
             if not m.run and not m.name:
                 raise ValueError(f"members[{i}]: needs name (a registered model) or run (a trained run directory)")
             if m.name == "mixture" and not m.run:
@@ -107,9 +116,16 @@ def _run_member(member: MixtureMember, i: int, n_items: int) -> Recommender:
     try:
         meta = json.loads(meta_file.read_text())
         name, config, run_items = meta["model"], meta["config"], meta["n_items"]
+        if member.member >= 0:
+            if name != "mixture" or member.member >= len(meta["extra"]["members"]):
+                raise ConfigError(f"{where}: {member.run} holds a {name!r} model, which has no member {member.member}")
+            saved = meta["extra"]["members"][member.member]
+            name, config = saved.get("model") or config["members"][member.member]["name"], saved["config"]
     except FileNotFoundError:
         raise ConfigError(f"{where}: {member.run} is not a trained run (no {meta_file})") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"{where}: {meta_file}: damaged model record ({e})") from None
     if member.name and member.name != name:
         raise ConfigError(f"{where}: {member.run} holds a {name!r} model, not {member.name!r}")
@@ -118,16 +134,18 @@ def _run_member(member: MixtureMember, i: int, n_items: int) -> Recommender:
     return build_model(name, config, n_items, where=f"{meta_file}: config")
 
 
-def _load_run_member(run: str, i: int, split: Split) -> Recommender:
-    """The trained model of run directory ``run``, checked to have been trained on ``split``."""
+def _load_run_member(member: MixtureMember, i: int, split: Split) -> Recommender:
+    """The trained model of run directory ``member.run`` (or its mixture's member ``member.member``),
+    checked to have been trained on ``split``."""
     from llmrec.data.splits import split_digest
     from llmrec.runs import load_run
 
-    loaded = load_run(run)
+    loaded = load_run(member.run)
     if split_digest(loaded.split) != split_digest(split):
-        raise ValueError(f"members[{i}].run: {run} was trained on another dataset or split than this mixture's "
-                         f"({loaded.record['dataset']['path']})")
-    return loaded.model
+        raise ValueError(f"members[{i}].run: {member.run} was trained on another dataset or split than this "
+                         f"mixture's ({loaded.record['dataset']['path']})")
+    model = loaded.model
+    return model.members[member.member] if member.member >= 0 and isinstance(model, Mixture) else model
 
 
 class Mixture(Recommender):
@@ -162,11 +180,12 @@ class Mixture(Recommender):
         fits: list[dict[str, Any]] = []
         for i, m in enumerate(self.members):
             m.feedback = self.feedback
-            if self.config.members[i].run:
-                say(progress, f"mixture: member {i} ({m.name}) from {self.config.members[i].run}")
-                self.members[i] = m = _load_run_member(self.config.members[i].run, i, split)
+            spec = self.config.members[i]
+            if spec.run:
+                say(progress, f"mixture: member {i} ({m.name}) from {spec.run}")
+                self.members[i] = m = _load_run_member(spec, i, split)
                 m.feedback = self.feedback
-                fits.append({"run": self.config.members[i].run})
+                fits.append({"run": spec.run} if spec.member < 0 else {"run": spec.run, "member": spec.member})
                 continue
             say(progress, f"mixture: fitting member {i} ({m.name})")
             sub = None if workdir is None else Path(workdir) / f"member-{i}"
@@ -229,7 +248,7 @@ class Mixture(Recommender):
         for i, m in enumerate(self.members):
             t, e = m._state()
             tensors.update({f"m{i}.{k}": v for k, v in t.items()})
-            extras.append({"config": asdict(m.config), "extra": e})
+            extras.append({"model": m.name, "config": asdict(m.config), "extra": e})
         return tensors, {"weights": self.weights, "members": extras}
 
     def _load_state(self, tensors: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
