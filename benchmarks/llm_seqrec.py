@@ -76,6 +76,9 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     "sasrec-tuned+itemknn-fine": ("mixture", {"members": [{"run": "sasrec-tuned+itemknn", "member": 0},
                                                           {"name": "itemknn"}]},
                                   "mixture: SASRec tuned + ItemKNN, finer weight grid"),
+    "fused+2knn-fine": ("mixture", {"members": [{"run": "fused+itemknn", "member": 0}, {"name": "itemknn"},
+                                                {"name": "itemknn", "params": {"transition_weight": 1.0, "window": 1}}]},
+                        "mixture: llm-seqrec fused + ItemKNN + ItemKNN on next-item transitions, finer grid"),
     # a mixture of two trained mixtures above (members given as recipes: that recipe's run of the same seed)
     "fused+sasrec+itemknn": ("mixture", {"members": [{"run": "fused+itemknn"}, {"run": "sasrec-tuned+itemknn"}]},
                              "mixture of the two mixtures above (no new training)"),
@@ -257,7 +260,9 @@ def report(rows: list[dict[str, Any]]) -> str:
     cols = ["ndcg@10", "hit_rate@10", "ndcg@20", "recall@20"]
     md = ["# LLM-enhanced sequential recommender (llm-seqrec) and the baselines", "",
           ("Leave-one-out, full ranking over all items, history items excluded, test set; checkpoints on "
-           "validation NDCG@10. Mean over seeds with a 95% Student-t interval. 2-core CPU, no GPU."), ""]
+           "validation NDCG@10. Mean over seeds with a 95% Student-t interval. 2-core CPU, no GPU. Recipes built "
+           "from earlier runs (no new training) have no epochs; their time is that of choosing the weights and "
+           "fitting any new ItemKNN member."), ""]
     for ds in DATASETS:
         recipes = [r for r in RECIPES if (ds, r) in g]
         if not recipes:
@@ -270,7 +275,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             rs = [runs[s] for s in sorted(runs)]
             cells = [_ci([r["test"][c] for r in rs]) for c in cols]
             b = [np.mean([r["ndcg@10_by_bucket"][k] or 0.0 for r in rs]) for k in ("head", "torso", "tail")]
-            ep = f"{np.mean([r['epochs'] or 0 for r in rs]):.0f} ({np.mean([r['best_epoch'] or 0 for r in rs]):.0f})"
+            ep = (f"{np.mean([r['epochs'] or 0 for r in rs]):.0f} ({np.mean([r['best_epoch'] or 0 for r in rs]):.0f})"
+                  if rs[0]["model"] not in DETERMINISTIC and rs[0].get("epochs") is not None else "-")
             md.append(f"| {RECIPES[rc][2]} | {','.join(map(str, sorted(runs)))} | " + " | ".join(cells)
                       + f" | {np.mean([r['valid_ndcg@10'] for r in rs]):.4f} | {b[0]:.4f} / {b[1]:.4f} / {b[2]:.4f}"
                       + f" | {ep} | {_wall_min(rs)} ({_cpu_min(rs)})"
