@@ -61,8 +61,8 @@ class CompanionKeys:
     prior_alone: bool = True  # the companion alone is a candidate too (chosen when no mix beats it)
 
     def check_companion(self) -> None:
-        if self.companion not in COMPANIONS:
-            raise ValueError(f"companion must be one of {sorted(COMPANIONS)}, got {self.companion!r}")
+        if self.companion not in _companions():
+            raise ValueError(f"companion must be one of {sorted(_companions())}, got {self.companion!r}")
         if self.collab_minutes <= 0:
             raise ValueError(f"collab_minutes must be > 0, got {self.collab_minutes}")
         if self.collab_prior < 0 or any(w < 0 for w in self.collab_prior_grid):
@@ -77,12 +77,10 @@ class CompanionKeys:
 
 
 def _companions() -> dict[str, type[SASRec]]:
+    """The models a family may take as its companion, by name."""
     from llmrec.models.llmseq import LLMSeqRec
 
     return {SASRec.name: SASRec, LLMSeqRec.name: LLMSeqRec}
-
-
-COMPANIONS = ("sasrec", "llm-seqrec")
 
 
 def fit_companion(split: Split, keys: CompanionKeys, seed: int, progress: bool = False) -> tuple[SASRec, dict[str, Any]]:

@@ -116,17 +116,16 @@ def _run_member(member: MixtureMember, i: int, n_items: int) -> Recommender:
     try:
         meta = json.loads(meta_file.read_text())
         name, config, run_items = meta["model"], meta["config"], meta["n_items"]
-        if member.member >= 0:
-            if name != "mixture" or member.member >= len(meta["extra"]["members"]):
-                raise ConfigError(f"{where}: {member.run} holds a {name!r} model, which has no member {member.member}")
-            saved = meta["extra"]["members"][member.member]
+        saved_members = meta["extra"]["members"] if name == "mixture" else []
+        if 0 <= member.member < len(saved_members):
+            saved = saved_members[member.member]
             name, config = saved.get("model") or config["members"][member.member]["name"], saved["config"]
     except FileNotFoundError:
         raise ConfigError(f"{where}: {member.run} is not a trained run (no {meta_file})") from None
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        if isinstance(e, ConfigError):
-            raise
         raise ConfigError(f"{where}: {meta_file}: damaged model record ({e})") from None
+    if member.member >= len(saved_members):
+        raise ConfigError(f"{where}: {member.run} holds a {name!r} model, which has no member {member.member}")
     if member.name and member.name != name:
         raise ConfigError(f"{where}: {member.run} holds a {name!r} model, not {member.name!r}")
     if run_items != n_items:
@@ -178,15 +177,15 @@ class Mixture(Recommender):
     def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
         """Fit every member, then choose the weights on validation (``split.test`` is never read)."""
         fits: list[dict[str, Any]] = []
-        for i, m in enumerate(self.members):
-            m.feedback = self.feedback
-            spec = self.config.members[i]
+        for i, spec in enumerate(self.config.members):
             if spec.run:
-                say(progress, f"mixture: member {i} ({m.name}) from {spec.run}")
-                self.members[i] = m = _load_run_member(spec, i, split)
-                m.feedback = self.feedback
+                say(progress, f"mixture: member {i} ({self.members[i].name}) from {spec.run}")
+                self.members[i] = _load_run_member(spec, i, split)
+                self.members[i].feedback = self.feedback
                 fits.append({"run": spec.run} if spec.member < 0 else {"run": spec.run, "member": spec.member})
                 continue
+            m = self.members[i]
+            m.feedback = self.feedback
             say(progress, f"mixture: fitting member {i} ({m.name})")
             sub = None if workdir is None else Path(workdir) / f"member-{i}"
             fits.append(m.fit(split, progress=progress, workdir=sub))
