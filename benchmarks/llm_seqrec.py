@@ -79,14 +79,22 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     "fused+2knn-fine": ("mixture", {"members": [{"run": "fused+itemknn", "member": 0}, {"name": "itemknn"},
                                                 {"name": "itemknn", "params": {"transition_weight": 1.0, "window": 1}}]},
                         "mixture: llm-seqrec fused + ItemKNN + ItemKNN on next-item transitions, finer grid"),
+    # the low-pass filter beside attention (filter_mix as shipped in the recipe above), with ItemKNN on the
+    # default grid; its first member is also stored as ``fused-filter``
+    "fused-filter+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**ENCODER, "filter_mix": 0.3}},
+                                                     {"name": "itemknn"}]},
+                             "mixture: llm-seqrec fused + low-pass filter, + ItemKNN (finer grid)"),
     # a mixture of two trained mixtures above (members given as recipes: that recipe's run of the same seed)
     "fused+sasrec+itemknn": ("mixture", {"members": [{"run": "fused+itemknn"}, {"run": "sasrec-tuned+itemknn"}]},
                              "mixture of the two mixtures above (no new training)"),
 }
-FIRST_MEMBER = {"fused+itemknn": "fused", "sasrec-tuned+itemknn": "sasrec-tuned"}
+FIRST_MEMBER = {"fused+itemknn": "fused", "sasrec-tuned+itemknn": "sasrec-tuned", "fused-filter+itemknn": "fused-filter"}
 BASELINES = ("itemknn", "sasrec", "sasrec-tuned")
 # a mixture recipe (by its name's end) is also paired with the same mixture built on the tuned SASRec
 PAIRED_MIXTURE = {"+itemknn": "sasrec-tuned+itemknn", "+itemknn-fine": "sasrec-tuned+itemknn-fine"}
+# an ablation is also paired with the recipe it changes one thing of
+ABLATION_OF = {"fused-filter": "fused", "fused-filter+itemknn": "fused+itemknn-fine", "sasrec-filter": "sasrec-tuned",
+               "fused-title": "fused", "fused-desc": "fused", "fused-smollm2": "fused", "text": "fused"}
 DETERMINISTIC = ("itemknn", "popularity")
 
 
@@ -282,7 +290,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                       + f" | {ep} | {_wall_min(rs)} ({_cpu_min(rs)})"
                       + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         md += [""]
-        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values()) if (ds, rc) in g}
+        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values(), *ABLATION_OF.values()) if (ds, rc) in g}
         if base:
             best = max((rc for rc in base if rc in BASELINES),
                        key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
@@ -290,7 +298,8 @@ def report(rows: list[dict[str, Any]]) -> str:
             for rc in recipes:
                 if rc in BASELINES:
                     continue
-                refs = ["sasrec-tuned", best] + [ref for end, ref in PAIRED_MIXTURE.items() if rc.endswith(end)]
+                refs = (["sasrec-tuned", best] + [ref for end, ref in PAIRED_MIXTURE.items() if rc.endswith(end)]
+                        + ([ABLATION_OF[rc]] if rc in ABLATION_OF else []))
                 for ref in dict.fromkeys(r for r in refs if r != rc):
                     if ref not in base:
                         continue

@@ -87,3 +87,18 @@ def test_several_category_files_make_one_dataset(tmp_path: Path) -> None:
         assert titles["T1"] == "Toy one" and titles["B1"] == "Book one"
         manifest = json.loads((tmp_path / ds / "manifest.json").read_text())
         assert len(manifest["source"]["files"]) == 2 and len(manifest["parse_reports"]) == 4
+
+
+def test_each_stage_shows_a_progress_bar_with_its_counts_and_records_its_seconds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [("core1", "x"), ("core1", "y"), ("core2", "x"), ("core2", "y"), ("core2", "y"), ("A", "x"), ("A", "a")]
+    src = write_lines(tmp_path / "Toys.jsonl.gz", [review23(u, i, 1_600_000_000_000 + n, "") for n, (u, i) in enumerate(rows)])
+    manifest = prepare_dataset(src, tmp_path / "ds", PrepareConfig(k_core=2), progress=True)
+    err = capsys.readouterr().err
+    stages = ["parse", "filter", "dedup", "k-core", "recode", "write", "stats"]
+    assert list(manifest["timings"]) == stages and all(s >= 0 for s in manifest["timings"].values())
+    last = {s: [line for line in err.replace("\r", "\n").splitlines() if f"ds {s} " in line][-1] for s in stages}
+    assert ": 7 lines" in last["parse"]
+    assert ": 6 rows" in last["dedup"]  # the repeated (core2, y) is dropped
+    assert ": 4 rows" in last["k-core"] and "round(s)" in last["k-core"]  # A and its thin item a go
+    assert "2 users, 2 items" in last["write"]

@@ -19,11 +19,11 @@ from typing import Any, Literal
 import duckdb
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from llmrec.data.dataset import stats_from_counts
 from llmrec.data.filters import first_occurrence_mask, kcore_mask
 from llmrec.data.readers import FORMATS, ParseReport, _run, _sql_str, stage_items, stage_reviews
+from llmrec.data.stages import Stages, count
 from llmrec.errors import DataError
 from llmrec.fsutil import output_lock, remove_stale_temporaries
 
@@ -175,7 +175,7 @@ def _prepare_locked(fmt: str, files: list[tuple[Path, Path | None]], cfg: Prepar
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     work = tmp / "_work"
     work.mkdir()
-    bar = tqdm(total=6, desc=f"prepare {out.name}", disable=not progress, unit="step")
+    stages = Stages(progress, label=out.name)
     try:
         files = [(safe_source(r, work, f"reviews{k}"), safe_source(m, work, f"meta{k}") if m is not None else None)
                  for k, (r, m) in enumerate(files)]
@@ -185,7 +185,7 @@ def _prepare_locked(fmt: str, files: list[tuple[Path, Path | None]], cfg: Prepar
         })
         con.execute("SET enable_progress_bar = false").fetchall()
         try:
-            manifest = _build(con, fmt, files, cfg, tmp, work, bar)
+            manifest = _build(con, fmt, files, cfg, tmp, work, stages)
         finally:
             con.close()
         shutil.rmtree(work)
@@ -193,27 +193,32 @@ def _prepare_locked(fmt: str, files: list[tuple[Path, Path | None]], cfg: Prepar
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        bar.close()
     return manifest
 
 
 def _stage_all(con: duckdb.DuckDBPyConnection, fmt: str, files: list[tuple[Path, Path | None]], cfg: PrepareConfig,
-               work: Path, bar: tqdm) -> tuple[list[ParseReport], str, str | None]:
+               work: Path, stages: Stages) -> tuple[list[ParseReport], str, str | None]:
     """Parse every review file (and metadata file) into Parquet, one after the other (streamed): the reports
-    and SQL relations over all of them, each row with its ``file_no`` (the order of ``files``)."""
+    and SQL relations over all of them. A review row gets its ``rid``: file number (the order of ``files``) times
+    2^ROW_BITS plus its row index in the staged file, so ordering by ``rid`` is ordering by place in the sources;
+    a metadata row gets its ``file_no``."""
     reports: list[ParseReport] = []
     raws, metas = [], []
-    for k, (reviews_path, meta_path) in enumerate(files):
-        bar.set_postfix_str(f"parsing {reviews_path.name} ({k + 1}/{len(files)})")
-        raw = work / f"raw{k}.parquet"
-        reports.append(stage_reviews(con, reviews_path, fmt, raw, strict=cfg.strict))  # type: ignore[arg-type]
-        raws.append(f"SELECT {k} AS file_no, * FROM read_parquet({_sql_str(raw)})")
-        if meta_path is not None:
-            bar.set_postfix_str(f"parsing {meta_path.name} ({k + 1}/{len(files)})")
-            meta_raw = work / f"meta{k}.parquet"
-            reports.append(stage_items(con, meta_path, fmt, meta_raw, strict=cfg.strict))  # type: ignore[arg-type]
-            metas.append(f"SELECT {k} AS file_no, * FROM read_parquet({_sql_str(meta_raw)}, union_by_name=true)")
+    with stages.stage("parse", unit="lines") as bar:
+        for k, (reviews_path, meta_path) in enumerate(files):
+            bar.set_postfix_str(f"{reviews_path.name} ({k + 1}/{len(files)})")
+            raw = work / f"raw{k}.parquet"
+            reports.append(stage_reviews(con, reviews_path, fmt, raw, strict=cfg.strict))  # type: ignore[arg-type]
+            count(bar, bar.n + reports[-1].lines)
+            raws.append(f"SELECT CAST({k} AS BIGINT) * {1 << ROW_BITS} + file_row_number AS rid, * EXCLUDE (file_row_number) "
+                        f"FROM read_parquet({_sql_str(raw)}, file_row_number=true)")
+            if meta_path is not None:
+                bar.set_postfix_str(f"{meta_path.name} ({k + 1}/{len(files)})")
+                meta_raw = work / f"meta{k}.parquet"
+                reports.append(stage_items(con, meta_path, fmt, meta_raw, strict=cfg.strict))  # type: ignore[arg-type]
+                metas.append(f"SELECT {k} AS file_no, * FROM read_parquet({_sql_str(meta_raw)}, union_by_name=true)")
+        bad = sum(r.bad_lines for r in reports)
+        count(bar, bar.n, f"{len(files)} file(s)" + (f", {bad:,} malformed lines" if bad else ""))
     union_metas = "(" + " UNION ALL BY NAME ".join(metas) + ")" if metas else None
     return reports, "(" + " UNION ALL BY NAME ".join(raws) + ")", union_metas
 
@@ -225,11 +230,10 @@ def _build(
     cfg: PrepareConfig,
     out: Path,
     work: Path,
-    bar: tqdm,
+    stages: Stages,
 ) -> dict[str, Any]:
     source_label = str(files[0][0]) if len(files) == 1 else f"{len(files)} files ({files[0][0].name}, ...)"
-    reports, raw, meta_raw = _stage_all(con, fmt, files, cfg, work, bar)
-    bar.update(2)
+    reports, raw, meta_raw = _stage_all(con, fmt, files, cfg, work, stages)
 
     notes: list[str] = []
     where = ["bad IS NULL", "user_id IS NOT NULL", "item_id IS NOT NULL"]
@@ -248,74 +252,73 @@ def _build(
             where.append(f"rating >= {float(cfg.min_rating)}")
         else:
             notes.append("min_rating: the source has no ratings; filter skipped")
-    # Only the key columns go through ordering, dedup and k-core; text joins back at the end.
-    _run(con, f"CREATE TABLE keys AS SELECT file_no, line_no, pos, ts, user_id, item_id FROM {raw} "
-              f"WHERE {' AND '.join(where)}")
-    n_after_filters = int(_run(con, "SELECT count(*) FROM keys")[0][0])
-    if n_after_filters == 0:
-        raise DataError(f"{source_label}: no interactions left after filtering ({'; '.join(where)})")
-    # Codes in raw-id order, so that re-coding a subset with np.unique keeps that order.
-    _run(con, "CREATE TABLE umap0 AS SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS u0 "
-              "FROM (SELECT DISTINCT user_id FROM keys)")
-    _run(con, "CREATE TABLE imap0 AS SELECT item_id, row_number() OVER (ORDER BY item_id) - 1 AS i0 "
-              "FROM (SELECT DISTINCT item_id FROM keys)")
-    bar.update()
-    bar.set_postfix_str("dedup and k-core")
+    with stages.stage("filter") as bar:  # only the key columns go through dedup and k-core; text joins back later
+        _run(con, f"CREATE TABLE keys AS SELECT rid, ts, user_id, item_id FROM {raw} "
+                  f"WHERE {' AND '.join(where)}")
+        n_after_filters = int(_run(con, "SELECT count(*) FROM keys")[0][0])
+        if n_after_filters == 0:
+            raise DataError(f"{source_label}: no interactions left after filtering ({'; '.join(where)})")
+        count(bar, n_after_filters, "kept")
+        # Codes in raw-id order, so that re-coding a subset with np.unique keeps that order.
+        _run(con, "CREATE TABLE umap0 AS SELECT user_id, CAST(row_number() OVER (ORDER BY user_id) - 1 AS INTEGER) AS u0 "
+                  "FROM (SELECT DISTINCT user_id FROM keys)")
+        _run(con, "CREATE TABLE imap0 AS SELECT item_id, CAST(row_number() OVER (ORDER BY item_id) - 1 AS INTEGER) AS i0 "
+                  "FROM (SELECT DISTINCT item_id FROM keys)")
     select = _select_duckdb if cfg.engine == "duckdb" else _select_numpy
-    n_after_dedup, n_final, n_users, n_items = select(con, cfg)
+    n_after_dedup, n_final, n_users, n_items = select(con, cfg, stages)
     if n_final == 0:
         raise DataError(
             f"{source_label}: no interactions left after k-core (k_core={cfg.k_core}, "
             f"min_history={cfg.min_history}); lower them"
         )
-    bar.set_postfix_str(f"{n_after_filters:,} -> dedup {n_after_dedup:,} -> k-core {n_final:,}")
-    bar.update()
-
-    bar.set_postfix_str("writing")
-    _run(con, "CREATE TABLE umap AS SELECT user, user_id FROM ucodes JOIN umap0 USING (u0)")
-    _run(con, "CREATE TABLE imap AS SELECT item, item_id FROM icodes JOIN imap0 USING (i0)")
-    cols = ["kept.user AS user", "kept.item AS item", 'kept."order" AS "order"']
-    if has_ts:
-        cols.append("r.ts AS timestamp")
-    if has_rating:
-        cols.append("CAST(r.rating AS FLOAT) AS rating")
-    if has_review:
-        cols.append("r.review AS review")
-    _run(
-        con,
-        f"""COPY (SELECT {', '.join(cols)} FROM kept JOIN {raw} r USING (file_no, line_no, pos)
-                 ORDER BY user, "order") TO {_sql_str(out / 'interactions.parquet')} (FORMAT parquet)""",
-    )
-    _run(con, f"COPY (SELECT user, user_id FROM umap ORDER BY user) TO {_sql_str(out / 'users.parquet')} (FORMAT parquet)")
-    n_meta_matched = 0
-    if meta_raw is not None:
+    with stages.stage("write") as bar:  # interactions with their text, users, items
+        _run(con, "CREATE TABLE umap AS SELECT user, user_id FROM ucodes JOIN umap0 USING (u0)")
+        _run(con, "CREATE TABLE imap AS SELECT item, item_id FROM icodes JOIN imap0 USING (i0)")
+        cols = ["kept.user AS user", "kept.item AS item", 'kept."order" AS "order"']
+        if has_ts:
+            cols.append("r.ts AS timestamp")
+        if has_rating:
+            cols.append("CAST(r.rating AS FLOAT) AS rating")
+        if has_review:
+            cols.append("r.review AS review")
         _run(
             con,
-            f"""COPY (SELECT imap.item, imap.item_id, m.* EXCLUDE (file_no, line_no, bad, item_id)
-                     FROM imap LEFT JOIN (SELECT * FROM {meta_raw} WHERE bad IS NULL
-                                          QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY file_no, line_no) = 1) m
-                     USING (item_id) ORDER BY imap.item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
+            f"""COPY (SELECT {', '.join(cols)} FROM kept JOIN {raw} r USING (rid)
+                     ORDER BY user, "order") TO {_sql_str(out / 'interactions.parquet')} (FORMAT parquet)""",
         )
-        n_meta_matched = int(_run(
-            con,
-            f"SELECT count(*) FROM imap SEMI JOIN (SELECT item_id FROM {meta_raw} WHERE bad IS NULL) m USING (item_id)",
-        )[0][0])
-        if n_meta_matched == 0:
-            meta_names = ", ".join(str(m) for _, m in files if m is not None)
-            raise DataError(f"{meta_names}: none of its item ids matches any of the {n_items} items of "
-                            f"{source_label}; is it the metadata of another category? (pass the right one with --meta)")
-        if n_meta_matched < n_items:
-            notes.append(f"metadata: {n_items - n_meta_matched} of {n_items} items have no "
-                         "metadata record (their title is their id)")
-    else:
-        notes.append("no metadata file: items have no text fields")
-        _run(
-            con,
-            f"""COPY (SELECT item, item_id, CAST(NULL AS VARCHAR) AS title, CAST(NULL AS VARCHAR) AS brand,
-                            CAST(NULL AS VARCHAR[]) AS categories, CAST(NULL AS VARCHAR) AS description
-                     FROM imap ORDER BY item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
-        )
-    stats, fp = _stats_and_fingerprint(con, out / "interactions.parquet", n_users, n_items)
+        _run(con, f"COPY (SELECT user, user_id FROM umap ORDER BY user) TO {_sql_str(out / 'users.parquet')} (FORMAT parquet)")
+        n_meta_matched = 0
+        if meta_raw is not None:
+            _run(
+                con,
+                f"""COPY (SELECT imap.item, imap.item_id, m.* EXCLUDE (file_no, line_no, bad, item_id)
+                         FROM imap LEFT JOIN (SELECT * FROM {meta_raw} WHERE bad IS NULL
+                                              QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY file_no, line_no) = 1) m
+                         USING (item_id) ORDER BY imap.item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
+            )
+            n_meta_matched = int(_run(
+                con,
+                f"SELECT count(*) FROM imap SEMI JOIN (SELECT item_id FROM {meta_raw} WHERE bad IS NULL) m USING (item_id)",
+            )[0][0])
+            if n_meta_matched == 0:
+                meta_names = ", ".join(str(m) for _, m in files if m is not None)
+                raise DataError(f"{meta_names}: none of its item ids matches any of the {n_items} items of "
+                                f"{source_label}; is it the metadata of another category? (pass the right one with --meta)")
+            if n_meta_matched < n_items:
+                notes.append(f"metadata: {n_items - n_meta_matched} of {n_items} items have no "
+                             "metadata record (their title is their id)")
+        else:
+            notes.append("no metadata file: items have no text fields")
+            _run(
+                con,
+                f"""COPY (SELECT item, item_id, CAST(NULL AS VARCHAR) AS title, CAST(NULL AS VARCHAR) AS brand,
+                                CAST(NULL AS VARCHAR[]) AS categories, CAST(NULL AS VARCHAR) AS description
+                         FROM imap ORDER BY item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
+            )
+        count(bar, n_final, f"{n_users:,} users, {n_items:,} items")
+    with stages.stage("stats", total=None) as bar:
+        stats, fp = _stats_and_fingerprint(con, out / "interactions.parquet", n_users, n_items)
+        count(bar, n_final, f"fingerprint {fp}")
     manifest: dict[str, Any] = {
         "format": fmt,
         "source": {"interactions": str(files[0][0]), "metadata": str(files[0][1]) if files[0][1] else None,
@@ -331,10 +334,10 @@ def _build(
         "columns": {"timestamp": bool(has_ts), "rating": bool(has_rating), "review": bool(has_review)},
         "notes": notes,
         "fingerprint": fp,
+        "timings": stages.seconds,  # wall seconds per stage (the run's; not part of the data)
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    bar.update()
     return manifest
 
 
@@ -349,58 +352,76 @@ def safe_source(path: Path, work: Path, name: str) -> Path:
 
 
 # --- dedup, k-core and re-coding: in DuckDB (memory set by its limit), or in numpy (the reference) ----------
-# Both read table ``keys`` and the raw-id code tables ``umap0`` / ``imap0`` and leave tables ``kept`` (line_no,
-# pos, user, item, order), ``ucodes`` (u0 -> user) and ``icodes`` (i0 -> item); they give the same dataset.
+# Both read table ``keys`` and the raw-id code tables ``umap0`` / ``imap0`` and leave tables ``kept`` (rid,
+# user, item, order), ``ucodes`` (u0 -> user) and ``icodes`` (i0 -> item); they give the same dataset.
 
-_CHRONO = "ts NULLS LAST, file_no, line_no, pos"  # a user's order: time, then place in the sources
+ROW_BITS = 40  # a review row's rid: file number << ROW_BITS | row index in its staged file
+_CHRONO = "ts NULLS LAST, rid"  # a user's order: time, then place in the sources
 
 
-def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
+def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, stages: Stages) -> tuple[int, int, int, int]:
     """(rows after dedup, rows after k-core, users, items), every stage a DuckDB statement that spills."""
-    _run(con, "CREATE TABLE coded AS SELECT u0, i0, file_no, line_no, pos, ts FROM keys JOIN umap0 USING (user_id) "
-              "JOIN imap0 USING (item_id)")
-    if cfg.dedup:  # the first of each (user, item) pair in the user's chronological order
-        _run(con, f"CREATE TABLE cur AS SELECT * FROM coded "
-                  f"QUALIFY row_number() OVER (PARTITION BY u0, i0 ORDER BY {_CHRONO}) = 1")
-        _run(con, "DROP TABLE coded")
-    else:
-        _run(con, "ALTER TABLE coded RENAME TO cur")
-    n = n_after_dedup = int(_run(con, "SELECT count(*) FROM cur")[0][0])
+    with stages.stage("dedup") as bar:
+        _run(con, "CREATE TABLE coded AS SELECT u0, i0, rid, ts FROM keys JOIN umap0 USING (user_id) "
+                  "JOIN imap0 USING (item_id)")
+        if cfg.dedup:  # the first of each (user, item) pair in the user's chronological order
+            _run(con, f"CREATE TABLE cur AS SELECT * FROM coded "
+                      f"QUALIFY row_number() OVER (PARTITION BY u0, i0 ORDER BY {_CHRONO}) = 1")
+            _run(con, "DROP TABLE coded")
+        else:
+            _run(con, "ALTER TABLE coded RENAME TO cur")
+        n = n_after_dedup = int(_run(con, "SELECT count(*) FROM cur")[0][0])
+        count(bar, n, "kept" if cfg.dedup else "kept (dedup off)")
     k_user = max(cfg.k_core, cfg.min_history)
-    while k_user > 0 or cfg.k_core > 0:  # iterative k-core: drop thin users and items until nothing changes
-        _run(con, f"""CREATE OR REPLACE TABLE nxt AS SELECT * FROM cur
-                      WHERE u0 IN (SELECT u0 FROM cur GROUP BY u0 HAVING count(*) >= {k_user})
-                        AND i0 IN (SELECT i0 FROM cur GROUP BY i0 HAVING count(*) >= {cfg.k_core})""")
-        m = int(_run(con, "SELECT count(*) FROM nxt")[0][0])
+    with stages.stage("k-core") as bar:  # on the (user, item) columns alone; a row survives if both of its ends do
+        _run(con, "CREATE TABLE pairs AS SELECT u0, i0 FROM cur")
+        rounds = 0
+        while k_user > 0 or cfg.k_core > 0:  # iterative k-core: drop thin users and items until nothing changes
+            _run(con, f"""CREATE OR REPLACE TABLE nxt AS SELECT u0, i0 FROM pairs
+                          WHERE u0 IN (SELECT u0 FROM pairs GROUP BY u0 HAVING count(*) >= {k_user})
+                            AND i0 IN (SELECT i0 FROM pairs GROUP BY i0 HAVING count(*) >= {cfg.k_core})""")
+            m = int(_run(con, "SELECT count(*) FROM nxt")[0][0])
+            _run(con, "DROP TABLE pairs")
+            _run(con, "ALTER TABLE nxt RENAME TO pairs")
+            rounds += 1
+            count(bar, m, f"round {rounds}")
+            if m == n:
+                break
+            n = m
+        count(bar, n, f"kept after {rounds} round(s)" if rounds else "kept (k-core off)")
+    with stages.stage("recode") as bar:  # the joins with the surviving users and items drop the other rows
+        _run(con, "CREATE TABLE ucodes AS SELECT u0, CAST(row_number() OVER (ORDER BY u0) - 1 AS INTEGER) AS user "
+                  "FROM (SELECT DISTINCT u0 FROM pairs)")
+        _run(con, "CREATE TABLE icodes AS SELECT i0, CAST(row_number() OVER (ORDER BY i0) - 1 AS INTEGER) AS item "
+                  "FROM (SELECT DISTINCT i0 FROM pairs)")
+        _run(con, "DROP TABLE pairs")
+        _run(con, f"""CREATE TABLE kept AS SELECT rid, user, item,
+                         CAST(row_number() OVER (PARTITION BY user ORDER BY {_CHRONO}) - 1 AS INTEGER) AS "order"
+                      FROM cur JOIN ucodes USING (u0) JOIN icodes USING (i0)""")
         _run(con, "DROP TABLE cur")
-        _run(con, "ALTER TABLE nxt RENAME TO cur")
-        if m == n:
-            break
-        n = m
-    _run(con, "CREATE TABLE ucodes AS SELECT u0, CAST(row_number() OVER (ORDER BY u0) - 1 AS INTEGER) AS user "
-              "FROM (SELECT DISTINCT u0 FROM cur)")
-    _run(con, "CREATE TABLE icodes AS SELECT i0, CAST(row_number() OVER (ORDER BY i0) - 1 AS INTEGER) AS item "
-              "FROM (SELECT DISTINCT i0 FROM cur)")
-    _run(con, f"""CREATE TABLE kept AS SELECT file_no, line_no, pos, user, item,
-                     CAST(row_number() OVER (PARTITION BY user ORDER BY {_CHRONO}) - 1 AS INTEGER) AS "order"
-                  FROM cur JOIN ucodes USING (u0) JOIN icodes USING (i0)""")
-    _run(con, "DROP TABLE cur")
-    n_users = int(_run(con, "SELECT count(*) FROM ucodes")[0][0])
-    n_items = int(_run(con, "SELECT count(*) FROM icodes")[0][0])
+        n_users = int(_run(con, "SELECT count(*) FROM ucodes")[0][0])
+        n_items = int(_run(con, "SELECT count(*) FROM icodes")[0][0])
+        count(bar, n)
     return n_after_dedup, n, n_users, n_items
 
 
-def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
-    """The same as :func:`_select_duckdb` with every interaction in numpy arrays (memory grows with the input)."""
+def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, stages: Stages) -> tuple[int, int, int, int]:
+    """The same as :func:`_select_duckdb` with every interaction in numpy arrays (memory grows with the input);
+    one stage, ``select``."""
+    with stages.stage("select") as bar:
+        n = _select_numpy_arrays(con, cfg)
+        count(bar, n[1])
+    return n
+
+
+def _select_numpy_arrays(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[int, int, int, int]:
     arrays = con.execute(
-        "SELECT u0, i0, file_no, line_no, pos FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id) "
+        "SELECT u0, i0, rid FROM keys JOIN umap0 USING (user_id) JOIN imap0 USING (item_id) "
         f"ORDER BY u0, {_CHRONO}"
     ).fetchnumpy()
     u0 = np.asarray(arrays["u0"], dtype=np.int64)
     i0 = np.asarray(arrays["i0"], dtype=np.int64)
-    file_no = np.asarray(arrays["file_no"], dtype=np.int32)
-    line_no = np.asarray(arrays["line_no"], dtype=np.int64)
-    pos = np.asarray(arrays["pos"], dtype=np.int64)
+    rid = np.asarray(arrays["rid"], dtype=np.int64)
     del arrays
     keep = first_occurrence_mask(u0, i0) if cfg.dedup else np.ones(len(u0), dtype=bool)
     n_after_dedup = int(keep.sum())
@@ -416,7 +437,7 @@ def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig) -> tuple[i
     starts = np.searchsorted(users, np.arange(len(user_codes)))
     position = np.arange(n_final) - starts[users]
     kept = pa.table({
-        "file_no": pa.array(file_no[keep]), "line_no": pa.array(line_no[keep]), "pos": pa.array(pos[keep]),
+        "rid": pa.array(rid[keep]),
         "user": pa.array(users.astype(np.int32)), "item": pa.array(items.astype(np.int32)),
         "order": pa.array(position.astype(np.int32)),
     })

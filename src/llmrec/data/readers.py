@@ -3,9 +3,12 @@
 Each reader scans a JSON Lines file (plain or gzipped) line by line inside DuckDB, so memory
 stays bounded whatever the file size, and writes a normalized Parquet file:
 
-- interactions: ``line_no, bad, user_id, item_id, ts (unix ms or NULL), pos, rating, review, verified``
-  (``pos`` orders a user's items where there is no timestamp: the list position in the
-  sequence format, otherwise the line number);
+- interactions: ``line_no, bad, user_id, item_id, ts (unix ms or NULL), pos, rating, review, verified``,
+  one row per interaction in the order of the file (and of the list, in the sequence format): a row's
+  index in the Parquet file is its place in the source, which orders a user's items where there is no
+  timestamp. ``pos`` is the list position in the sequence format, else the line number; the fast
+  reader (a file with no malformed line) leaves ``line_no`` and ``pos`` NULL, as it never needs to
+  report a line and numbering lines would cost a pass that holds the whole file;
 - items: ``line_no, bad, item_id, title, brand, categories (list), description`` plus format-specific extras.
 
 Malformed lines (invalid JSON, missing or wrongly typed required fields) are counted and
@@ -178,8 +181,8 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
 # columns, about a third less CPU than extracting fields from every line as text. It cannot say
 # which lines are malformed, so it is all or nothing: any line it rejects (invalid JSON, a value of
 # the wrong type) or a row missing a required field sends the file to the line-by-line path above,
-# which counts and reports each malformed line. Per format: (columns read, SELECT list over them
-# and ``line_no``, producing the same columns and types as ``_REVIEW_SPECS``).
+# which counts and reports each malformed line. Per format: (columns read, SELECT list over them,
+# producing the same columns and types as ``_REVIEW_SPECS``, ``line_no`` and ``pos`` NULL).
 # The rows that break a record rule are counted after the pass, and any such row sends the file to the
 # line-by-line path. Read as text, a list or an object id becomes its JSON text: a value that starts with
 # '[' or '{' is taken as one (a real id that does only costs the careful path, which checks JSON types).
@@ -188,7 +191,7 @@ _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
         {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "asin": "VARCHAR", "timestamp": "BIGINT",
          "rating": "DOUBLE", "title": "VARCHAR", "text": "VARCHAR", "verified_purchase": "BOOLEAN"},
         f"""user_id, coalesce(parent_asin, asin) AS item_id,
-           {ts_ms('"timestamp"')} AS ts, line_no AS pos, rating,
+           {ts_ms('"timestamp"')} AS ts, CAST(NULL AS BIGINT) AS pos, rating,
            nullif(concat_ws('. ', nullif(title, ''), nullif("text", '')), '') AS review,
            verified_purchase AS verified,
            ({_looks_structured("user_id")} OR {_looks_structured("parent_asin")} OR {_looks_structured("asin")}
@@ -198,7 +201,7 @@ _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
         {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
          "summary": "VARCHAR", "reviewText": "VARCHAR", "verified": "BOOLEAN"},
         f""""reviewerID" AS user_id, asin AS item_id, {ts_ms('"unixReviewTime"')} AS ts,
-           line_no AS pos, overall AS rating,
+           CAST(NULL AS BIGINT) AS pos, overall AS rating,
            nullif(concat_ws('. ', nullif(summary, ''), nullif("reviewText", '')), '') AS review, verified,
            ({_looks_structured('"reviewerID"')} OR {_looks_structured("asin")}
             OR "unixReviewTime" < 0 OR NOT coalesce(isfinite(overall) AND overall BETWEEN 1 AND 5, overall IS NULL))
@@ -334,8 +337,9 @@ def _stage_once(con: duckdb.DuckDBPyConnection, path: Path, source: Path, paths:
 
 def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, out: Path) -> ParseReport | None:
     """The all-or-nothing fast pass (see ``_FAST_REVIEW_SPECS``): its report, or None (``out``
-    removed) when some line needs the line-by-line path. ``line_no`` here counts non-blank lines,
-    which orders rows as the file does; the exact line numbers only matter in the slow path's reports.
+    removed) when some line needs the line-by-line path. One streaming pass: the rows keep the file's
+    order (``preserve_insertion_order``) and ``line_no`` is NULL, since numbering the lines with a window
+    would hold the whole file in memory; line numbers only matter in the slow path's reports.
     """
     columns, select = _FAST_REVIEW_SPECS[fmt]
     cols = "{" + ", ".join(f"'{name}': '{typ}'" for name, typ in columns.items()) + "}"
@@ -343,11 +347,9 @@ def _stage_reviews_fast(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, ou
     try:
         _run(
             con,
-            f"""COPY (SELECT line_no, CAST(NULL AS VARCHAR) AS bad, {select}
-                      FROM (SELECT row_number() OVER () AS line_no, *
-                            FROM read_json({_sql_str(path)}, format='newline_delimited', records=true,
-                                           columns={cols}, auto_detect=false,
-                                           maximum_object_size={MAX_LINE_BYTES})))
+            f"""COPY (SELECT CAST(NULL AS BIGINT) AS line_no, CAST(NULL AS VARCHAR) AS bad, {select}
+                      FROM read_json({_sql_str(path)}, format='newline_delimited', records=true,
+                                     columns={cols}, auto_detect=false, maximum_object_size={MAX_LINE_BYTES}))
                 TO {_sql_str(staged)} (FORMAT parquet)""",
         )
         ((n, n_missing),) = _run(
@@ -393,7 +395,7 @@ def stage_reviews(
                              CAST(NULL AS BOOLEAN) AS verified
                           FROM read_parquet({_sql_str(tmp)}),
                                range(1, CAST(coalesce(len(item_ids), 0) + 1 AS BIGINT)) AS r(i)
-                          WHERE bad IS NULL) TO {_sql_str(out)} (FORMAT parquet)""",
+                          WHERE bad IS NULL ORDER BY line_no, i) TO {_sql_str(out)} (FORMAT parquet)""",
             )
         finally:
             tmp.unlink(missing_ok=True)
