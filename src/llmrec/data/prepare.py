@@ -19,6 +19,7 @@ from typing import Any, Literal
 import duckdb
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from llmrec.data.dataset import stats_from_counts
 from llmrec.data.filters import first_occurrence_mask, kcore_mask
@@ -375,19 +376,7 @@ def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, stages: S
     k_user = max(cfg.k_core, cfg.min_history)
     with stages.stage("k-core") as bar:  # on the (user, item) columns alone; a row survives if both of its ends do
         _run(con, "CREATE TABLE pairs AS SELECT u0, i0 FROM cur")
-        rounds = 0
-        while k_user > 0 or cfg.k_core > 0:  # iterative k-core: drop thin users and items until nothing changes
-            _run(con, f"""CREATE OR REPLACE TABLE nxt AS SELECT u0, i0 FROM pairs
-                          WHERE u0 IN (SELECT u0 FROM pairs GROUP BY u0 HAVING count(*) >= {k_user})
-                            AND i0 IN (SELECT i0 FROM pairs GROUP BY i0 HAVING count(*) >= {cfg.k_core})""")
-            m = int(_run(con, "SELECT count(*) FROM nxt")[0][0])
-            _run(con, "DROP TABLE pairs")
-            _run(con, "ALTER TABLE nxt RENAME TO pairs")
-            rounds += 1
-            count(bar, m, f"round {rounds}")
-            if m == n:
-                break
-            n = m
+        n, rounds = _kcore(con, k_user, cfg.k_core, bar) if k_user > 0 or cfg.k_core > 0 else (n, 0)
         count(bar, n, f"kept after {rounds} round(s)" if rounds else "kept (k-core off)")
     with stages.stage("recode") as bar:  # the joins with the surviving users and items drop the other rows
         _run(con, "CREATE TABLE ucodes AS SELECT u0, CAST(row_number() OVER (ORDER BY u0) - 1 AS INTEGER) AS user "
@@ -403,6 +392,33 @@ def _select_duckdb(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, stages: S
         n_items = int(_run(con, "SELECT count(*) FROM icodes")[0][0])
         count(bar, n)
     return n_after_dedup, n, n_users, n_items
+
+
+def _kcore(con: duckdb.DuckDBPyConnection, k_user: int, k_item: int, bar: tqdm) -> tuple[int, int]:
+    """Iterative k-core of table ``pairs`` (u0, i0) in place: (rows left, rounds). Degrees live in small per-user
+    and per-item tables; each round drops the users under ``k_user`` and the items under ``k_item``, deletes
+    their rows and subtracts those rows from the degrees of their other ends, so a round scans the pairs
+    with two small lookups instead of re-counting and re-writing them all."""
+    _run(con, "CREATE TABLE du AS SELECT u0, count(*) AS d FROM pairs GROUP BY u0")
+    _run(con, "CREATE TABLE di AS SELECT i0, count(*) AS d FROM pairs GROUP BY i0")
+    rounds = 0
+    while True:
+        _run(con, f"CREATE OR REPLACE TABLE xu AS SELECT u0 FROM du WHERE d < {k_user}")
+        _run(con, f"CREATE OR REPLACE TABLE xi AS SELECT i0 FROM di WHERE d < {k_item}")
+        if not _run(con, "SELECT EXISTS (FROM xu) OR EXISTS (FROM xi)")[0][0]:
+            break
+        rounds += 1
+        hit = "u0 IN (SELECT u0 FROM xu) OR i0 IN (SELECT i0 FROM xi)"
+        _run(con, f"CREATE OR REPLACE TABLE gone AS SELECT u0, i0 FROM pairs WHERE {hit}")
+        _run(con, f"DELETE FROM pairs WHERE {hit}")
+        for t, key, dropped in (("du", "u0", "xu"), ("di", "i0", "xi")):  # rebuilt: cheaper than UPDATE here
+            _run(con, f"""CREATE OR REPLACE TABLE {t} AS SELECT {key}, d - coalesce(c, 0) AS d
+                          FROM {t} ANTI JOIN {dropped} USING ({key})
+                          LEFT JOIN (SELECT {key}, count(*) AS c FROM gone GROUP BY {key}) USING ({key})""")
+        count(bar, int(_run(con, "SELECT sum(d) FROM du")[0][0] or 0), f"round {rounds}")
+    for table in ("du", "di", "xu", "xi", "gone"):
+        _run(con, f"DROP TABLE IF EXISTS {table}")
+    return int(_run(con, "SELECT count(*) FROM pairs")[0][0]), rounds
 
 
 def _select_numpy(con: duckdb.DuckDBPyConnection, cfg: PrepareConfig, stages: Stages) -> tuple[int, int, int, int]:
