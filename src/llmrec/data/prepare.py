@@ -317,7 +317,7 @@ def _build(
                          FROM imap ORDER BY item) TO {_sql_str(out / 'items.parquet')} (FORMAT parquet)""",
             )
         count(bar, n_final, f"{n_users:,} users, {n_items:,} items")
-    with stages.stage("stats", total=None) as bar:
+    with stages.stage("stats") as bar:
         stats, fp = _stats_and_fingerprint(con, out / "interactions.parquet", n_users, n_items)
         count(bar, n_final, f"fingerprint {fp}")
     manifest: dict[str, Any] = {

@@ -24,12 +24,12 @@ class Stages:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str, total: int | None = None, unit: str = "rows") -> Iterator[tqdm]:
+    def stage(self, name: str, unit: str = "rows") -> Iterator[tqdm]:
         """A bar for stage ``name``: ``bar.n`` is its count so far (set it with :func:`count`); its wall
         seconds are added to ``seconds[name]`` when the block ends, whether or not it succeeded."""
         desc = f"{self.label} {name}".strip()
-        bar = tqdm(total=total, desc=f"{desc:<24}", unit=f" {unit}", disable=not self.progress, leave=True,
-                   bar_format="{desc}: {n_fmt}{unit} [{elapsed}]{postfix}" if total is None else None)
+        bar = tqdm(desc=f"{desc:<24}", unit=f" {unit}", disable=not self.progress, leave=True,
+                   bar_format="{desc}: {n_fmt}{unit} [{elapsed}]{postfix}")
         start = time.perf_counter()
         try:
             yield bar
