@@ -3,12 +3,11 @@
 Each reader scans a JSON Lines file (plain or gzipped) line by line inside DuckDB, so memory
 stays bounded whatever the file size, and writes a normalized Parquet file:
 
-- interactions: ``line_no, bad, user_id, item_id, ts (unix ms or NULL), pos, rating, review, verified``,
+- interactions: ``line_no, bad, user_id, item_id, ts (unix ms or NULL), rating, review, verified``,
   one row per interaction in the order of the file (and of the list, in the sequence format): a row's
   index in the Parquet file is its place in the source, which orders a user's items where there is no
-  timestamp. ``pos`` is the list position in the sequence format, else the line number; the fast
-  reader (a file with no malformed line) leaves ``line_no`` and ``pos`` NULL, as it never needs to
-  report a line and numbering lines would cost a pass that holds the whole file;
+  timestamp. The fast reader (a file with no malformed line) leaves ``line_no`` NULL, as it never needs
+  to report a line and numbering lines would cost a pass that holds the whole file;
 - items: ``line_no, bad, item_id, title, brand, categories (list), description`` plus format-specific extras.
 
 Malformed lines (invalid JSON, missing or wrongly typed required fields) are counted and
@@ -139,14 +138,14 @@ def _lines_source(path: Path) -> str:
     )
 
 
-# Per format: (json paths extracted once per line, SELECT list over v[...] and line_no, the
+# Per format: (json paths extracted once per line, SELECT list over v[...], the
 # conditions that make a line malformed, as (sql condition, reason) pairs).
 _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
     "amazon2023": (
         ["$.user_id", "$.parent_asin", "$.asin", "$.timestamp", "$.rating", "$.title", "$.text",
          "$.verified_purchase"],
         f"""v[1] AS user_id, coalesce(v[2], v[3]) AS item_id, {ts_ms("TRY_CAST(v[4] AS BIGINT)")} AS ts,
-           line_no AS pos, TRY_CAST(v[5] AS DOUBLE) AS rating,
+           TRY_CAST(v[5] AS DOUBLE) AS rating,
            nullif(concat_ws('. ', nullif(v[6], ''), nullif(v[7], '')), '') AS review,
            TRY_CAST(v[8] AS BOOLEAN) AS verified""",
         [("v[1] IS NULL", "missing field user_id"),
@@ -163,7 +162,7 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
         ["$.reviewerID", "$.asin", "$.unixReviewTime", "$.overall", "$.summary", "$.reviewText",
          "$.verified"],
         f"""v[1] AS user_id, v[2] AS item_id, {ts_ms("TRY_CAST(v[3] AS BIGINT)")} AS ts,
-           line_no AS pos, TRY_CAST(v[4] AS DOUBLE) AS rating,
+           TRY_CAST(v[4] AS DOUBLE) AS rating,
            nullif(concat_ws('. ', nullif(v[5], ''), nullif(v[6], '')), '') AS review,
            TRY_CAST(v[7] AS BOOLEAN) AS verified""",
         [("v[1] IS NULL", "missing field reviewerID"),
@@ -182,7 +181,7 @@ _REVIEW_SPECS: dict[str, tuple[list[str], str, list[tuple[str, str]]]] = {
 # which lines are malformed, so it is all or nothing: any line it rejects (invalid JSON, a value of
 # the wrong type) or a row missing a required field sends the file to the line-by-line path above,
 # which counts and reports each malformed line. Per format: (columns read, SELECT list over them,
-# producing the same columns and types as ``_REVIEW_SPECS``, ``line_no`` and ``pos`` NULL).
+# producing the same columns and types as ``_REVIEW_SPECS``, ``line_no`` NULL).
 # The rows that break a record rule are counted after the pass, and any such row sends the file to the
 # line-by-line path. Read as text, a list or an object id becomes its JSON text: a value that starts with
 # '[' or '{' is taken as one (a real id that does only costs the careful path, which checks JSON types).
@@ -191,7 +190,7 @@ _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
         {"user_id": "VARCHAR", "parent_asin": "VARCHAR", "asin": "VARCHAR", "timestamp": "BIGINT",
          "rating": "DOUBLE", "title": "VARCHAR", "text": "VARCHAR", "verified_purchase": "BOOLEAN"},
         f"""user_id, coalesce(parent_asin, asin) AS item_id,
-           {ts_ms('"timestamp"')} AS ts, CAST(NULL AS BIGINT) AS pos, rating,
+           {ts_ms('"timestamp"')} AS ts, rating,
            nullif(concat_ws('. ', nullif(title, ''), nullif("text", '')), '') AS review,
            verified_purchase AS verified,
            ({_looks_structured("user_id")} OR {_looks_structured("parent_asin")} OR {_looks_structured("asin")}
@@ -201,7 +200,7 @@ _FAST_REVIEW_SPECS: dict[str, tuple[dict[str, str], str]] = {
         {"reviewerID": "VARCHAR", "asin": "VARCHAR", "unixReviewTime": "BIGINT", "overall": "DOUBLE",
          "summary": "VARCHAR", "reviewText": "VARCHAR", "verified": "BOOLEAN"},
         f""""reviewerID" AS user_id, asin AS item_id, {ts_ms('"unixReviewTime"')} AS ts,
-           CAST(NULL AS BIGINT) AS pos, overall AS rating,
+           overall AS rating,
            nullif(concat_ws('. ', nullif(summary, ''), nullif("reviewText", '')), '') AS review, verified,
            ({_looks_structured('"reviewerID"')} OR {_looks_structured("asin")}
             OR "unixReviewTime" < 0 OR NOT coalesce(isfinite(overall) AND overall BETWEEN 1 AND 5, overall IS NULL))
@@ -391,7 +390,7 @@ def stage_reviews(
             _run(
                 con,
                 f"""COPY (SELECT line_no, bad, user_id, item_ids[i] AS item_id, CAST(NULL AS BIGINT) AS ts,
-                             i AS pos, CAST(NULL AS DOUBLE) AS rating, CAST(NULL AS VARCHAR) AS review,
+                             CAST(NULL AS DOUBLE) AS rating, CAST(NULL AS VARCHAR) AS review,
                              CAST(NULL AS BOOLEAN) AS verified
                           FROM read_parquet({_sql_str(tmp)}),
                                range(1, CAST(coalesce(len(item_ids), 0) + 1 AS BIGINT)) AS r(i)
