@@ -110,7 +110,9 @@ def main() -> None:
                                                           indent=2))
     md = ["# Ingest at scale (`llmrec data prepare --k-core 5`, generated 2023-schema reviews, 2 cores)", "",
           ("End to end in a child process (start-up included); peak RSS of the child in MiB and in GB (10^9 bytes); "
-          "the 1-minute load average before and after each run (2 cores: near 0 is a quiet machine; each run waits for it to drop below 0.5, at most 150 s, since the previous run's own load decays slowly)."), "",
+           "the 1-minute load average before and after each run (2 cores: near 0 is a quiet machine; each run waits "
+           f"for it to drop below {args.quiet_below}, at most {args.max_wait:.0f} s, since the previous run's own "
+           "load decays slowly)."), "",
           "| reviews | variant | seconds | reviews/s | peak RSS | load avg before / after | kept interactions |",
           "|---:|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['lines']:,} | {r['variant']} | {r['wall_s']:.1f} | {r['reviews_per_s']:,.0f} | "
