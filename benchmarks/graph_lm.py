@@ -23,6 +23,7 @@ Parts (each a sub-command; results accumulate in ``benchmarks/results/graph_lm.j
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -255,9 +256,11 @@ def part_run(dataset: str, variant: str, seed: int, overrides: dict[str, Any], w
 # --- the report -----------------------------------------------------------------------------------------
 
 
-def paired(workdir: Path, runs: dict[str, Any]) -> list[dict[str, Any]]:
+def paired(workdir: Path, runs: dict[str, Any], recorded: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Each fixed / learned run against ``none`` of the same dataset and seed: NDCG@10 and Recall@10 gains,
-    with a paired bootstrap 95% interval over test users (2000 resamples)."""
+    with a paired bootstrap 95% interval over test users (2000 resamples). A pair whose per-user files are
+    not in ``workdir`` (runs made on another checkout) keeps the interval ``recorded`` for it."""
+    before = {(p["dataset"], p["variant"], p["seed"]): p for p in recorded}
     out = []
     for tag, r in sorted(runs.items()):
         if r["variant"] == "none":
@@ -275,6 +278,8 @@ def paired(workdir: Path, runs: dict[str, Any]) -> list[dict[str, Any]]:
                 rng = np.random.default_rng(0)
                 boots = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)]
                 row[f"{m}_ci"] = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+            elif f"{m}_ci" in before.get((r["dataset"], r["variant"], r["seed"]), {}):
+                row[f"{m}_ci"] = before[(r["dataset"], r["variant"], r["seed"])][f"{m}_ci"]
         out.append(row)
     return out
 
@@ -307,7 +312,7 @@ def markdown(result: dict[str, Any]) -> str:
             for name, r in rows.items():
                 lines.append(f"| {ds} | {name} (same split) | - | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} | "
                              f"{r['ndcg@20']:.4f} | {r['recall@20']:.4f} | - | - | {r.get('train_s', 0) / 60:.1f} | - | - |")
-        pairs = paired(Path(result.get("workdir", ROOT / "work" / "bench" / "graph_lm")), runs)
+        pairs = paired(Path(result.get("workdir", ROOT / "work" / "bench" / "graph_lm")), runs, result.get("paired", []))
         result["paired"] = pairs
         if pairs:
             lines += ["", ("Paired gains over the same model without the bias (same dataset, seed, budget), with a "
@@ -366,21 +371,30 @@ def main() -> None:
     out_dir = args.workdir / "smoke-results" if args.smoke else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "graph_lm.json"
-    result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "hardware": HARDWARE}
     workdir = args.workdir / ("graph_lm-smoke" if args.smoke else "graph_lm")
-    result["workdir"] = str(workdir)
+    new: dict[str, Any] = {}
     if args.part == "graph":
-        result["graph"] = part_graph(args.workdir, sizes=(50, 100) if args.smoke else (100, 200, 400))
+        new["graph"] = part_graph(args.workdir, sizes=(50, 100) if args.smoke else (100, 200, 400))
     elif args.part == "baselines":
-        result.setdefault("baselines", {})[args.dataset] = part_baselines(args.dataset, args.seeds, args.workdir) \
-            if args.train else recorded_baselines(args.dataset)
+        new["baselines"] = part_baselines(args.dataset, args.seeds, args.workdir) if args.train \
+            else recorded_baselines(args.dataset)
     elif args.part == "run":
-        row = part_run(args.dataset, args.variant, args.seed, parse_overrides(args.lm), workdir, args.smoke)
-        result.setdefault("runs", {})[f"{args.dataset}-{args.variant}-s{args.seed}"] = row
-    md = markdown(result)
-    json_path.write_text(json.dumps(result, indent=2, default=float))
-    (out_dir / "graph_lm.md").write_text(md)
+        new["run"] = part_run(args.dataset, args.variant, args.seed, parse_overrides(args.lm), workdir, args.smoke)
+    # read the results only now, under a lock: runs of other variants may have finished while this one trained
+    with (out_dir / ".graph_lm.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
+        result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "hardware": HARDWARE}
+        result["workdir"] = str(workdir)
+        if "graph" in new:
+            result["graph"] = new["graph"]
+        if "baselines" in new:
+            result.setdefault("baselines", {})[args.dataset] = new["baselines"]
+        if "run" in new:
+            result.setdefault("runs", {})[f"{args.dataset}-{args.variant}-s{args.seed}"] = new["run"]
+        md = markdown(result)
+        json_path.write_text(json.dumps(result, indent=2, default=float))
+        (out_dir / "graph_lm.md").write_text(md)
     print(md)
 
 
