@@ -30,6 +30,7 @@ import platform
 import resource
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,7 @@ def part_run(dataset: str, variant: str, seed: int, overrides: dict[str, Any], w
 # --- the report -----------------------------------------------------------------------------------------
 
 
-def paired(workdir: Path, runs: dict[str, Any], recorded: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def paired(workdir: Path, runs: dict[str, Any], recorded: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Each fixed / learned run against ``none`` of the same dataset and seed: NDCG@10 and Recall@10 gains,
     with a paired bootstrap 95% interval over test users (2000 resamples). A pair whose per-user files are
     not in ``workdir`` (runs made on another checkout) keeps the interval ``recorded`` for it."""
@@ -269,6 +270,7 @@ def paired(workdir: Path, runs: dict[str, Any], recorded: list[dict[str, Any]] =
         if base_tag not in runs:
             continue
         row: dict[str, Any] = {"dataset": r["dataset"], "variant": r["variant"], "seed": r["seed"]}
+        recorded_row = before.get((r["dataset"], r["variant"], r["seed"]), {})
         a, b = workdir / "per_user" / f"{tag}.npz", workdir / "per_user" / f"{base_tag}.npz"
         for m in ("ndcg@10", "recall@10"):
             row[m] = r[m] - runs[base_tag][m]
@@ -278,8 +280,8 @@ def paired(workdir: Path, runs: dict[str, Any], recorded: list[dict[str, Any]] =
                 rng = np.random.default_rng(0)
                 boots = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)]
                 row[f"{m}_ci"] = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
-            elif f"{m}_ci" in before.get((r["dataset"], r["variant"], r["seed"]), {}):
-                row[f"{m}_ci"] = before[(r["dataset"], r["variant"], r["seed"])][f"{m}_ci"]
+            elif f"{m}_ci" in recorded_row:
+                row[f"{m}_ci"] = recorded_row[f"{m}_ci"]
         out.append(row)
     return out
 

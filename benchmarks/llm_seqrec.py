@@ -49,17 +49,19 @@ BUDGET = {"max_minutes": 150.0}
 # 0.0628 at epoch 10 of a 30-epoch cosine run, against 0.0605 for the shipped hidden 64 at epoch 10 (0.0623 at
 # its best, epoch 17 of 20). Everything else is SASRec's shipped config (dropout 0.5, 2 layers, max_len 50).
 ENCODER: dict[str, Any] = {**BUDGET, "hidden_size": 128, "max_epochs": 20}
+# the causal low-pass filter beside attention at the value the option shipped with (stop 13; not tuned)
+FILTER: dict[str, Any] = {**ENCODER, "filter_mix": 0.3}
 # the mixtures' first weight grid (their rows were measured with it); the default grid is finer near 0
 COARSE_GRID = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
 RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     "itemknn": ("itemknn", {}, "ItemKNN (baseline)"),
     "sasrec": ("sasrec", {"max_minutes": 18.0}, "SASRec as shipped (baseline)"),
     "sasrec-tuned": ("sasrec", {**ENCODER}, "SASRec, tuned recipe (= llm-seqrec id only)"),
-    "sasrec-filter": ("sasrec", {**ENCODER, "filter_mix": 0.3}, "SASRec + causal low-pass filter"),
+    "sasrec-filter": ("sasrec", {**FILTER}, "SASRec + causal low-pass filter"),
     # SASRec peaks at epoch 7-17 of 20 on Beauty (validation): two regularized variants of the filter SASRec
-    "sasrec-filter-wd": ("sasrec", {**ENCODER, "filter_mix": 0.3, "weight_decay": 0.1},
+    "sasrec-filter-wd": ("sasrec", {**FILTER, "weight_decay": 0.1},
                          "SASRec + low-pass filter, AdamW weight decay 0.1"),
-    "sasrec-filter-lr1e-3": ("sasrec", {**ENCODER, "filter_mix": 0.3, "lr": 1e-3},
+    "sasrec-filter-lr1e-3": ("sasrec", {**FILTER, "lr": 1e-3},
                              "SASRec + low-pass filter, peak learning rate 1e-3"),
     "text": ("llm-seqrec", {**ENCODER, "item_repr": "text"}, "llm-seqrec, text rows only (MiniLM)"),
     "fused": ("llm-seqrec", {**ENCODER}, "llm-seqrec, id + text rows (MiniLM)"),
@@ -68,7 +70,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
                    "llm-seqrec fused, + description"),
     "fused-smollm2": ("llm-seqrec", {**ENCODER, "text_model": "lm:smollm2-135m-instruct"},
                       "llm-seqrec fused, SmolLM2 mean-pooled states"),
-    "fused-filter": ("llm-seqrec", {**ENCODER, "filter_mix": 0.3}, "llm-seqrec fused + low-pass filter"),
+    "fused-filter": ("llm-seqrec", {**FILTER}, "llm-seqrec fused + low-pass filter"),
     # mixtures (weights chosen on validation); their first member is also stored as its own recipe
     "fused+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**ENCODER}}, {"name": "itemknn"}],
                                   "weight_grid": COARSE_GRID}, "mixture: llm-seqrec fused + ItemKNN"),
@@ -86,19 +88,19 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
                         "mixture: llm-seqrec fused + ItemKNN + ItemKNN on next-item transitions, finer grid"),
     # the low-pass filter beside attention (filter_mix as shipped in the recipe above), with ItemKNN on the
     # default grid; its first member is also stored as ``fused-filter``
-    "fused-filter+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**ENCODER, "filter_mix": 0.3}},
+    "fused-filter+itemknn": ("mixture", {"members": [{"name": "llm-seqrec", "params": {**FILTER}},
                                                      {"name": "itemknn"}]},
                              "mixture: llm-seqrec fused + low-pass filter, + ItemKNN (finer grid)"),
     # the same, trained twice as long (a 40-epoch cosine): on Beauty validation (seed 0) the 20-epoch run was
     # still rising at its last epochs (0.0704 -> 0.0707 over epochs 16-19); its first member is ``fused-filter-e40``
     "fused-filter-e40+itemknn": ("mixture", {"members": [{"name": "llm-seqrec",
-                                                          "params": {**ENCODER, "filter_mix": 0.3, "max_epochs": 40}},
+                                                          "params": {**FILTER, "max_epochs": 40}},
                                                          {"name": "itemknn"}]},
                                  "mixture: llm-seqrec fused + low-pass filter, 40 epochs, + ItemKNN (finer grid)"),
-    "fused-filter-e40": ("llm-seqrec", {**ENCODER, "filter_mix": 0.3, "max_epochs": 40},
+    "fused-filter-e40": ("llm-seqrec", {**FILTER, "max_epochs": 40},
                          "llm-seqrec fused + low-pass filter, 40 epochs"),
     # the two filter encoders above (20- and 40-epoch schedules, the same seed) and ItemKNN, weights chosen on
-    # validation; no new training (the two encoders' training adds up: ~19 + ~38 CPU minutes on Beauty)
+    # validation; no new training (the two encoders' training adds up: 17-20 + 30-34 CPU minutes on Beauty)
     "filter-e20+e40+itemknn": ("mixture", {"members": [{"run": "fused-filter+itemknn", "member": 0},
                                                        {"run": "fused-filter-e40+itemknn", "member": 0},
                                                        {"name": "itemknn"}]},
@@ -265,9 +267,14 @@ def _wall_min(rs: list[dict[str, Any]]) -> str:
     return f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f}"
 
 
+def _train_cpu(row: dict[str, Any]) -> float | None:
+    """CPU seconds of a row's training; None where unknown or resumed (a resumed run lacks the first part)."""
+    return None if row.get("resumed_from") else row.get("train_cpu_seconds")
+
+
 def _cpu_min(rs: list[dict[str, Any]]) -> str:
-    """Mean CPU minutes of training over the rows that were not resumed (resumed ones lack the first part)."""
-    cpu = [r["train_cpu_seconds"] / 60 for r in rs if r.get("train_cpu_seconds") is not None and not r.get("resumed_from")]
+    """Mean CPU minutes of training over the rows whose training time is whole."""
+    cpu = [c / 60 for c in map(_train_cpu, rs) if c is not None]
     return f"{np.mean(cpu):.1f}" if cpu else "-"
 
 
@@ -280,10 +287,9 @@ def _with_members_cpu(g: dict[tuple[str, str], dict[int, dict[str, Any]]], ds: s
         return ""
     totals = []
     for r in rs:
-        members = [g.get((ds, ref), {}).get(r["seed"], {}) for ref in refs]
-        parts = [m.get("train_cpu_seconds") if not m.get("resumed_from") else None for m in members]
-        if r.get("train_cpu_seconds") is not None and all(p is not None for p in parts):
-            totals.append((r["train_cpu_seconds"] + sum(parts)) / 60)
+        parts = [_train_cpu(r)] + [_train_cpu(g.get((ds, ref), {}).get(r["seed"], {})) for ref in refs]
+        if all(p is not None for p in parts):
+            totals.append(sum(parts) / 60)
     return f"; {np.mean(totals):.1f} with its members" if totals else ""
 
 
