@@ -150,14 +150,15 @@ def test_wrong_item_count_rejected(split: Split) -> None:
         SASRec(tiny_config(), N_ITEMS + 1).fit(split, progress=False)
 
 
-def test_fused_cross_entropy_matches_torch() -> None:
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_fused_cross_entropy_matches_torch(eps: float) -> None:
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(37, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 50, (37,), generator=gen)
-    ours = FullSoftmaxCE.apply(h, w, y)
+    ours = FullSoftmaxCE.apply(h, w, y, eps)
     ours_grads = torch.autograd.grad(ours * 3.0, (h, w))
-    ref = F.cross_entropy(h @ w.T, y)
+    ref = F.cross_entropy(h @ w.T, y, label_smoothing=eps)
     ref_grads = torch.autograd.grad(ref * 3.0, (h, w))
     torch.testing.assert_close(ours, ref)
     for a, b in zip(ours_grads, ref_grads, strict=True):

@@ -49,6 +49,7 @@ class SASRecConfig:
     max_len: int = 50  # longest input sequence; older items are dropped
     lr: float = 3e-3  # peak learning rate (Adam/AdamW)
     weight_decay: float = 0.0  # decoupled (AdamW); 0 gives plain Adam
+    label_smoothing: float = 0.0  # softmax target (1 - eps) x onehot + eps / n_items
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decay to 0 over max_epochs
     batch_size: int = 256  # training sequences per step
     max_epochs: int = 20  # also the length of the cosine schedule
@@ -89,6 +90,8 @@ class SASRecConfig:
             raise ValueError("dropout and attn_dropout must be in [0, 1)")
         if self.max_minutes <= 0:
             raise ValueError("max_minutes must be > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.filter_mix <= 1.0:
             raise ValueError(f"filter_mix must be in [0, 1], got {self.filter_mix}")
         if self.num_threads < 0 or self.min_epochs < 0:
@@ -198,32 +201,40 @@ class Block(nn.Module):
 class FullSoftmaxCE(torch.autograd.Function):
     """Mean cross-entropy of ``logits = h @ w.T`` against ``y``, computed in one (N, V) buffer.
 
-    Equal to ``F.cross_entropy(h @ w.T, y)`` in value and gradients, but the logits are turned
-    into probabilities in place and reused as their own gradient (softmax - onehot), which saves
-    several passes over the (N, V) matrix: the output layer is most of the training time on CPU.
-    h: (N, H) float; w: (V, H) float; y: (N,) int64 in ``0..V-1``. Returns a scalar. Because
-    the buffer is consumed, backward can run only once per forward (no ``retain_graph``).
+    Equal to ``F.cross_entropy(h @ w.T, y, label_smoothing=eps)`` in value and gradients, but the
+    logits are turned into probabilities in place and reused as their own gradient (softmax -
+    target), which saves several passes over the (N, V) matrix: the output layer is most of the
+    training time on CPU. h: (N, H) float; w: (V, H) float; y: (N,) int64 in ``0..V-1``; eps in
+    [0, 1): the target is (1 - eps) x onehot + eps / V. Returns a scalar. Because the buffer is
+    consumed, backward can run only once per forward (no ``retain_graph``).
     """
 
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
         probs = h @ w.T  # (N, V) logits for now
         target_logit = probs.gather(1, y[:, None]).squeeze(1)  # (N,)
+        mean_logit = probs.mean(dim=1) if eps > 0.0 else None  # (N,)
         row_max = probs.max(dim=1, keepdim=True).values  # (N, 1)
         probs.sub_(row_max).exp_()  # (N, V) unnormalized
         row_sum = probs.sum(dim=1, keepdim=True)  # (N, 1)
         probs.div_(row_sum)  # (N, V) softmax
-        loss = (row_sum.log() + row_max).squeeze(1) - target_logit  # (N,) -log p(y)
+        log_z = (row_sum.log() + row_max).squeeze(1)  # (N,)
+        loss = log_z - target_logit  # (N,) -log p(y)
+        if mean_logit is not None:  # -sum_v q_v log p_v with q = (1 - eps) onehot + eps / V
+            loss = (1.0 - eps) * loss + eps * (log_z - mean_logit)
         ctx.save_for_backward(h, w, y, probs)
+        ctx.eps = eps
         return loss.mean()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         h, w, y, probs = ctx.saved_tensors
-        grad_logits = probs  # (N, V), reused in place: d loss / d logits = (softmax - onehot) / N
-        grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+        grad_logits = probs  # (N, V), reused in place: d loss / d logits = (softmax - target) / N
+        grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0 - ctx.eps
+        if ctx.eps > 0.0:
+            grad_logits.sub_(ctx.eps / probs.shape[1])
         grad_logits.mul_(grad / len(y))
-        return grad_logits @ w, grad_logits.T @ h, None  # (N, H), (V, H)
+        return grad_logits @ w, grad_logits.T @ h, None, None  # (N, H), (V, H)
 
 
 class SASRecNet(nn.Module):
@@ -288,7 +299,8 @@ class SASRecNet(nn.Module):
         table = self.item_table()  # (n_items + 1, H)
         h = self.hidden(tokens, table)  # (B, L, H)
         keep = targets != 0  # (B, L)
-        return FullSoftmaxCE.apply(h[keep], table[1:], targets[keep] - 1)  # h[keep]: (N, H)
+        eps = self.cfg.label_smoothing if self.training else 0.0
+        return FullSoftmaxCE.apply(h[keep], table[1:], targets[keep] - 1, eps)  # h[keep]: (N, H)
 
 
 # --- recommender --------------------------------------------------------------------------

@@ -55,6 +55,11 @@ class InstructLMConfig(CompanionKeys):
     # token (letter and end token); "letters" = cross-entropy over the N option letters at the answer's first
     # token (the verbalizer's own normalization; learns faster from few steps, e.g. on a truncated backbone)
     letter_loss: Literal["vocab", "letters"] = "vocab"
+    # how choice / rerank score an option: "letters" = its letter as the answer to a prompt that lists the options
+    # (the verbalizer); "titles" = log p(its title | a prompt with the history only), all N titles in one forward
+    # pass (titles.py), trained with a softmax over the N options (what a small LM knows before any training)
+    scoring: Literal["letters", "titles"] = "letters"
+    title_score: Literal["mean", "sum"] = "mean"  # "titles": per-token mean or sum of the title's log-probabilities
     negatives: Negatives = "popularity"
     # title mode
     decoding: Literal["trie", "free"] = "trie"  # trie-constrained beam search, or free greedy + grounding
@@ -117,7 +122,14 @@ class InstructLMConfig(CompanionKeys):
 
     @property
     def prompt_instruction(self) -> str:
-        return self.instruction or DEFAULT_INSTRUCTIONS[self.mode]
+        if self.instruction:
+            return self.instruction
+        return DEFAULT_INSTRUCTIONS["title" if self.scores_titles else self.mode]
+
+    @property
+    def scores_titles(self) -> bool:
+        """Options are scored by their titles' likelihood (choice / rerank with ``scoring = "titles"``)."""
+        return self.scoring == "titles" and self.mode != "title"
 
 
 # Config keys that may differ between an interrupted run and its resumption.

@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,8 +35,20 @@ from llmrec.models.instruct.candidates import Choice, NegativeSampler, build_cho
 from llmrec.models.instruct.config import InstructLMConfig
 from llmrec.models.instruct.lm import head, hidden_states, load_lm, trainable
 from llmrec.models.instruct.prompts import IGNORE, LETTERS, ItemWords, PromptBuilder, with_answer
+from llmrec.models.instruct.titles import pack, title_logprobs
 from llmrec.models.instruct.verbalizer import letter_ids, option_logprobs, pad_right
 from llmrec.models.train import batch_starts, device_for, fit_loop, num_threads
+
+
+class OptionsRow(NamedTuple):
+    """A training example of title scoring: prompt ids (history only), option item ids, the true option's index."""
+
+    prompt: np.ndarray  # (L,) int64
+    options: np.ndarray  # (N,) item ids
+    answer: int
+
+
+Row = tuple[np.ndarray, np.ndarray] | OptionsRow  # (ids, labels) of an answer-token loss, or an OptionsRow
 
 
 class InstructLM(Recommender):
@@ -61,6 +73,7 @@ class InstructLM(Recommender):
         self._grounder: Any = None
         self.hide_history = config.blind  # True: prompts show no history (the history-blind baseline)
         self.last_generation: dict[str, float] = {}
+        self._answers: dict[int, np.ndarray] = {}  # item -> title + end token ids (title scoring)
 
     # --- construction -------------------------------------------------------------------
     @property
@@ -75,7 +88,10 @@ class InstructLM(Recommender):
         self.prompts = PromptBuilder(self.tokenizer, words, cfg.template, cfg.prompt_instruction, cfg.system,
                                      cfg.max_history_tokens, cfg.max_history, cfg.brand, cfg.category,
                                      cfg.review_chars if cfg.ratings or cfg.review_chars else 0)
-        if cfg.mode in ("choice", "rerank"):
+        self._answers = {}
+        if cfg.scores_titles:
+            self.letters = None
+        elif cfg.mode in ("choice", "rerank"):
             self.letters = letter_ids(self.tokenizer, cfg.n_candidates)
         else:
             from llmrec.models.instruct.grounding import TitleIndex
@@ -117,9 +133,16 @@ class InstructLM(Recommender):
         assert choice is not None and choice.answer >= 0
         return pb.answer_ids(LETTERS[choice.answer])
 
+    def title_answer(self, item: int) -> np.ndarray:
+        """Token ids of ``item``'s title plus the end token (cached)."""
+        if item not in self._answers:
+            self._answers[item] = self._require().answer_ids(self.words.titles[item])  # type: ignore[union-attr]
+        return self._answers[item]
+
     def training_rows(self, train: list[np.ndarray], cuts: list[tuple[int, int]],
-                      rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(ids, labels) of every training cut point (candidates drawn from ``rng``)."""
+                      rng: np.random.Generator) -> list[Row]:
+        """(ids, labels) of every training cut point, or an :class:`OptionsRow` when options are scored by
+        their titles (candidates drawn from ``rng``)."""
         cfg = self.config
         histories = [train[u][:c] for u, c in cuts]
         targets = [int(train[u][c]) for u, c in cuts]
@@ -136,13 +159,25 @@ class InstructLM(Recommender):
                 if t not in short:  # the retriever missed: the target takes the last shortlist place
                     short[-1] = t
                 choice = shuffle_shortlist(short, t, rng)
+            if cfg.scores_titles:
+                assert choice is not None
+                rows.append(OptionsRow(self.prompt(h, u), np.asarray(choice.options), int(choice.answer)))
+                continue
             prompt = self.prompt(h, u, None if choice is None else choice.options)
             rows.append(with_answer(prompt, self.answer(t, choice)))
         return rows
 
     # --- training -----------------------------------------------------------------------
-    def answer_loss(self, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens of a batch of (ids, labels) rows."""
+    def answer_loss(self, batch: Sequence[Row]) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens of a batch of (ids, labels) rows, or over the options of a
+        batch of :class:`OptionsRow` (softmax of the titles' log-likelihoods)."""
+        if isinstance(batch[0], OptionsRow):
+            rows: Sequence[OptionsRow] = batch  # type: ignore[assignment]
+            target = torch.as_tensor([r.answer for r in rows], device=self.device)
+            with autocast(self.config.amp, self.device):
+                packed = self._pack([r.prompt for r in rows], [r.options for r in rows])
+                lp = title_logprobs(self.lm, packed, self.per_token)
+            return F.cross_entropy(lp.float(), target)
         ids, mask = pad_right([b[0] for b in batch], self.pad_id, self.device)
         labels, _ = pad_right([b[1] for b in batch], IGNORE, self.device)
         sel = labels != IGNORE
@@ -211,19 +246,35 @@ class InstructLM(Recommender):
         return out
 
     # --- option scoring, shortlists -----------------------------------------------------
+    @property
+    def per_token(self) -> bool:
+        return self.config.title_score == "mean"
+
+    def _pack(self, prompts: Sequence[np.ndarray], options: Sequence[np.ndarray]) -> Any:
+        return pack(prompts, [[self.title_answer(int(i)) for i in o] for o in options], self.pad_id, self.device)
+
     def option_scores(self, histories: Sequence[np.ndarray], options: Sequence[np.ndarray],
                       users: np.ndarray | None = None) -> np.ndarray:
-        """(n, N) float32 log-probabilities of each option's letter; one forward pass per batch."""
+        """(n, N) float32 scores of the options, one forward pass per batch: the log-probability of each
+        option's letter (``scoring = "letters"``), or of each option's title (``"titles"``)."""
         self._require()
-        assert self.letters is not None
+        titles = self.config.scores_titles
+        assert titles or self.letters is not None
         n_opt = len(options[0]) if len(options) else self.config.n_candidates
-        prompts = [self.prompt(h, None if users is None else int(users[i]), options[i]) for i, h in enumerate(histories)]
+        prompts = [self.prompt(h, None if users is None else int(users[i]), None if titles else options[i])
+                   for i, h in enumerate(histories)]
         out = np.empty((len(prompts), n_opt), dtype=np.float32)
         order = np.argsort([len(p) for p in prompts], kind="stable")
         with num_threads(self.config.num_threads), torch.inference_mode(), autocast(self.config.amp, self.device):
             for s in batch_starts(len(prompts), self.config.eval_batch_size):
                 rows = order[s : s + self.config.eval_batch_size]
-                lp = option_logprobs(self.lm, [prompts[i] for i in rows], self.letters[:n_opt], self.pad_id, self.device)
+                if titles:
+                    lp = title_logprobs(self.lm, self._pack([prompts[i] for i in rows], [options[i] for i in rows]),
+                                       self.per_token)
+                else:
+                    assert self.letters is not None
+                    lp = option_logprobs(self.lm, [prompts[i] for i in rows], self.letters[:n_opt], self.pad_id,
+                                         self.device)
                 out[rows] = lp.float().cpu().numpy()
         return out
 

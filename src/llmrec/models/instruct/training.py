@@ -4,7 +4,8 @@ Examples come from ``split.train`` only: for every training user the last traini
 answer to the history before it (plus ``examples_per_user - 1`` random earlier cut points); in
 ``choice`` mode fresh negatives are drawn every epoch, in ``rerank`` mode the retriever's shortlist
 of the history (the target put in place of the shortlist's last item when the retriever missed it)
-is shuffled. Loss: cross-entropy on the answer tokens only. Validation: ``choice`` accuracy on fixed
+is shuffled. Loss: cross-entropy on the answer tokens only (or, when options are scored by their titles,
+over the options' title log-likelihoods). Validation: ``choice`` accuracy on fixed
 candidate lists, or NDCG@10 (full ranking) in the other modes, on a fixed sample of validation users.
 """
 
@@ -23,7 +24,7 @@ from llmrec.models.instruct.lm import trainable
 from llmrec.models.train import TrainConfig, TrainTask
 
 if TYPE_CHECKING:
-    from llmrec.models.instruct.model import InstructLM
+    from llmrec.models.instruct.model import InstructLM, Row
 
 
 def cut_points(train: list[np.ndarray], per_user: int, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -69,8 +70,9 @@ class InstructTask(TrainTask):
     def n_batches(self) -> int:
         return math.ceil(self.n0 / self.model.config.batch_size)
 
-    def batches(self, epoch: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """The epoch's micro-batches of (ids, labels) rows, similar lengths together, in seeded order."""
+    def batches(self, epoch: int) -> list[list[Row]]:
+        """The epoch's micro-batches of training rows (:meth:`InstructLM.training_rows`), similar lengths
+        together, in seeded order."""
         cfg, rng = self.model.config, self.data_rng
         cuts = cut_points(self.split.train, cfg.examples_per_user, rng)
         rows = self.model.training_rows(self.split.train, cuts, rng)
@@ -79,7 +81,7 @@ class InstructTask(TrainTask):
         chunks = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         return [[rows[j] for j in chunks[c]] for c in rng.permutation(len(chunks))]
 
-    def loss(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, float]:
+    def loss(self, batch: list[Row]) -> tuple[torch.Tensor, float]:
         return self.model.answer_loss(batch), float(len(batch))
 
     def has_validation(self) -> bool:
