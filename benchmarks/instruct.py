@@ -250,6 +250,7 @@ def main() -> None:
             (out_dir / "instruct.md").write_text(markdown(result))
             return
         evaluated = {"choice": part_choice, "rerank": part_rerank, "title": part_title}[args.part](run, users)
+        result = {**load_json(json_path), "machine": result["machine"]}  # runs that ended meanwhile are kept
         result.setdefault("runs", {})[tag] = {"part": args.part, "dataset": args.dataset, "seed": args.seed,
                                               "tag": args.tag, **trained, "test": evaluated, "peak_rss_mb": rss_mb(),
                                               "params": params}

@@ -26,6 +26,11 @@ def _runs(result: dict[str, Any], part: str) -> list[dict[str, Any]]:
                   key=lambda r: (r["dataset"], r["tag"], r["seed"]))
 
 
+def _scoring(r: dict[str, Any]) -> str:
+    """How the run scores options: its letters (the verbalizer) or its titles' likelihood."""
+    return str((r.get("params") or {}).get("scoring", "letters"))
+
+
 def _fit(r: dict[str, Any]) -> str:
     f = r["fit"]
     return (f"{f['steps']} steps ({f['seconds_per_step']:.1f} s/step, stopped by {f['stopped']}, best valid "
@@ -37,14 +42,17 @@ def choice_section(result: dict[str, Any]) -> list[str]:
     if not runs:
         return []
     lines = ["## (a) Choice among 20: the true next item + 19 popularity-sampled negatives", "",
-             ("Options normalized identically and shuffled with a seed; one forward pass scores all 20 letters. "
+             ("Options normalized identically and shuffled with a seed; one forward pass scores all 20 options, "
+             "through their letters after a prompt that lists them (scoring `letters`) or through the likelihood of "
+             "each title after a prompt with the history only, all titles packed in the same pass (scoring `titles`). "
              "\"History-blind\" is the same fine-tuned model with the purchases removed from its prompts (it sees "
              "the options only). Test users: a fixed seeded sample (size in the table), 95% Wilson intervals."), "",
-             "| dataset | run | seed | accuracy [95% CI] | chance | history-blind accuracy [95% CI] | test users | training |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             ("| dataset | run | scoring | seed | accuracy [95% CI] | chance | history-blind accuracy [95% CI] | test users "
+              "| training |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         t = r["test"]
-        lines.append(f"| {r['dataset']} | {r['tag'] or 'lora'} | {r['seed']} | {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, "
+        lines.append(f"| {r['dataset']} | {r['tag'] or 'lora'} | {_scoring(r)} | {r['seed']} | {t['accuracy']:.4f} [{t['ci95'][0]:.4f}, "
                      f"{t['ci95'][1]:.4f}] | {t['chance']:.3f} | {t['history_blind_accuracy']:.4f} "
                      f"[{t['history_blind_ci95'][0]:.4f}, {t['history_blind_ci95'][1]:.4f}] | {t['test_users']} | {_fit(r)} |")
     refs = [(r, name, v) for r in runs for name, v in (r["test"].get("references") or {}).items()]
@@ -76,13 +84,13 @@ def rerank_section(result: dict[str, Any]) -> list[str]:
              "shortlist score is LM log-prob + w x SASRec's log-softmax over the shortlist, w chosen on validation "
              "(w = 0: the LM's order alone, column \"LM order\"). Gain: re-ranked minus the same SASRec on the same "
              "users, 95% user-bootstrap interval."), "",
-             ("| dataset | seed | re-ranked ndcg@10 / recall@10 | SASRec alone ndcg@10 / recall@10 | gain ndcg@10 [95% CI] "
+             ("| dataset | run | scoring | seed | re-ranked ndcg@10 / recall@10 | SASRec alone ndcg@10 / recall@10 | gain ndcg@10 [95% CI] "
              "| LM order ndcg@10 | target in top 20 | in-shortlist users: re-ranked / SASRec ndcg@10 | w | test users | training |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         t = r["test"]
         lines.append(
-            f"| {r['dataset']} | {r['seed']} | {t['reranked']['ndcg@10']:.4f} / {t['reranked']['recall@10']:.4f} | "
+            f"| {r['dataset']} | {r['tag'] or 'lora'} | {_scoring(r)} | {r['seed']} | {t['reranked']['ndcg@10']:.4f} / {t['reranked']['recall@10']:.4f} | "
             f"{t['retriever']['ndcg@10']:.4f} / {t['retriever']['recall@10']:.4f} | {t['gain_ndcg@10']:+.4f} "
             f"[{t['gain_ndcg@10_ci95'][0]:+.4f}, {t['gain_ndcg@10_ci95'][1]:+.4f}] | {t['lm_only']['ndcg@10']:.4f} | "
             f"{t['in_shortlist_rate']:.3f} | {t['reranked_in_shortlist']['ndcg@10']:.4f} / "
@@ -143,14 +151,14 @@ def targets_section(result: dict[str, Any]) -> list[str]:
     for r in _runs(result, "choice"):
         t = r["test"]
         met = t["ci95"][0] > t["chance"] and t["ci95"][0] > t["history_blind_ci95"][1]
-        lines.append(f"- Choice among 20, {r['dataset']} seed {r['seed']}: accuracy {t['accuracy']:.4f} "
+        lines.append(f"- Choice among 20, {r['dataset']} run {r['tag'] or 'lora'} seed {r['seed']}: accuracy {t['accuracy']:.4f} "
                      f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] vs chance {t['chance']:.3f} and history-blind "
                      f"{t['history_blind_accuracy']:.4f}: **{'met' if met else 'NOT met'}** (far above chance and above "
                      "the history-blind baseline; 3 seeds asked, this is one).")
     for r in _runs(result, "rerank"):
         t = r["test"]
         met = t["gain_ndcg@10_ci95"][0] > 0
-        lines.append(f"- Re-ranking SASRec's top 20, {r['dataset']} seed {r['seed']}: NDCG@10 {t['reranked']['ndcg@10']:.4f} "
+        lines.append(f"- Re-ranking SASRec's top 20, {r['dataset']} run {r['tag'] or 'lora'} seed {r['seed']}: NDCG@10 {t['reranked']['ndcg@10']:.4f} "
                      f"vs the same SASRec {t['retriever']['ndcg@10']:.4f}, gain {t['gain_ndcg@10']:+.4f} "
                      f"[{t['gain_ndcg@10_ci95'][0]:+.4f}, {t['gain_ndcg@10_ci95'][1]:+.4f}]: "
                      f"**{'met' if met else 'NOT met'}** (gain interval excluding zero); training "

@@ -228,8 +228,10 @@ def test_choice_accuracy_reports_chance_and_blind(choice_model, split):
     assert "no purchases shown" not in choice_model.tokenizer.decode(prompt)
 
 
-def test_rerank_keeps_retriever_order_outside_the_shortlist(split):
-    model = InstructLM(InstructLMConfig(mode="rerank", retriever="itemknn", max_steps=2, **TINY), split.n_items)
+@pytest.mark.parametrize("scoring", ["letters", "titles"])
+def test_rerank_keeps_retriever_order_outside_the_shortlist(split, scoring):
+    model = InstructLM(InstructLMConfig(mode="rerank", retriever="itemknn", max_steps=2, scoring=scoring, **TINY),
+                       split.n_items)
     model.fit(split, progress=False)
     h = split.test.histories[:6]
     short, base = model.shortlists(h)
@@ -372,3 +374,26 @@ def test_title_scoring_gradients_fit_a_batch(split):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_pmi_scores_subtract_the_untuned_title_prior(split, tmp_path):
+    cfg = InstructLMConfig(mode="choice", scoring="titles", title_score="pmi", amp="off", max_steps=2,
+                           validate_first=True, **TINY)
+    model = InstructLM(cfg, split.n_items)
+    fit = model.fit(split, progress=False)
+    assert fit["history"][0]["step"] == 0  # the untuned weights were a validation candidate
+    assert model.prior is not None and model.prior.shape == (split.n_items,) and (model.prior < 0).all()
+    blind = model.prompt(np.zeros(0, dtype=np.int64))
+    with torch.no_grad(), model.lm.disable_adapter():
+        expected = per_option_title_logprob(model.lm, blind, [model.title_answer(i) for i in range(5)], model.device)
+    np.testing.assert_allclose(model.prior[:5], expected, atol=1e-4)  # the prior is the backbone's, before LoRA
+    histories, options = split.test.histories[:3], [np.array([0, 1, 2, 3])] * 3
+    model.config.title_score = "sum"  # the same weights, scored by the plain sum
+    plain = model.option_scores(histories, options)
+    model.config.title_score = "pmi"
+    np.testing.assert_allclose(model.option_scores(histories, options), plain - model.prior[options[0]], atol=1e-4)
+    model.save(tmp_path / "m")
+    loaded = InstructLM.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.prior, model.prior)
+    np.testing.assert_allclose(loaded.option_scores(histories, options), model.option_scores(histories, options),
+                               atol=1e-5)

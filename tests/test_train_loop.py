@@ -115,6 +115,16 @@ def test_best_weights_are_restored() -> None:
     np.testing.assert_array_equal(weights(task), snapshots[1])  # epoch 2's weights, not the last ones
 
 
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+def test_validate_first_keeps_the_initial_weights_when_training_never_beats_them(unit: str) -> None:
+    task = ToyTask(scores=[0.9, 0.5, 0.4, 0.3])
+    initial = weights(task)
+    res = fit_loop(task, TrainConfig(unit=unit, max_epochs=3, max_steps=30, eval_every=10 if unit == "step" else 1,
+                                     validate_first=True), torch.device("cpu"), progress=False)
+    assert res["history"][0]["step"] == 0 and res["best_at"] == 0 and len(res["history"]) == 4
+    np.testing.assert_array_equal(weights(task), initial)
+
+
 @pytest.mark.parametrize("unit,rng,accum", [("epoch", "stream", 1), ("step", "per-step", 2), ("epoch", "stream", 3)])
 def test_resume_gives_the_uninterrupted_result(tmp_path: Path, unit: str, rng: str, accum: int) -> None:
     cfg = TrainConfig(unit=unit, max_epochs=4, eval_every=3 if unit == "step" else 1, grad_accum=accum,  # type: ignore[arg-type]

@@ -59,7 +59,10 @@ class InstructLMConfig(CompanionKeys):
     # (the verbalizer); "titles" = log p(its title | a prompt with the history only), all N titles in one forward
     # pass (titles.py), trained with a softmax over the N options (what a small LM knows before any training)
     scoring: Literal["letters", "titles"] = "letters"
-    title_score: Literal["mean", "sum"] = "mean"  # "titles": per-token mean or sum of the title's log-probabilities
+    # "titles": the per-token mean or the sum of the title's log-probabilities, or "pmi": the sum minus the same
+    # title's log-probability after a prompt with no history under the backbone before fine-tuning (a per-item prior
+    # computed once): how much the history raises the title, whatever its length or rare words
+    title_score: Literal["mean", "sum", "pmi"] = "mean"
     negatives: Negatives = "popularity"
     # title mode
     decoding: Literal["trie", "free"] = "trie"  # trie-constrained beam search, or free greedy + grounding
@@ -88,6 +91,7 @@ class InstructLMConfig(CompanionKeys):
     max_minutes: float = 55.0
     eval_every: int = 100
     patience: int = 5
+    validate_first: bool = False  # the weights before fine-tuning are a validation candidate too (step 0)
     examples_per_user: int = 1  # training cut points per user and epoch (the last, then random earlier ones)
     valid_users: int = 300  # validation users sampled for early stopping (0 = all)
     checkpoint_every: int = 50

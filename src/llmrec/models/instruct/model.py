@@ -74,6 +74,7 @@ class InstructLM(Recommender):
         self.hide_history = config.blind  # True: prompts show no history (the history-blind baseline)
         self.last_generation: dict[str, float] = {}
         self._answers: dict[int, np.ndarray] = {}  # item -> title + end token ids (title scoring)
+        self.prior: np.ndarray | None = None  # (n_items,) title log-prob with no history, before fine-tuning ("pmi")
 
     # --- construction -------------------------------------------------------------------
     @property
@@ -176,8 +177,10 @@ class InstructLM(Recommender):
             target = torch.as_tensor([r.answer for r in rows], device=self.device)
             with autocast(self.config.amp, self.device):
                 packed = self._pack([r.prompt for r in rows], [r.options for r in rows])
-                lp = title_logprobs(self.lm, packed, self.per_token)
-            return F.cross_entropy(lp.float(), target)
+                lp = title_logprobs(self.lm, packed, self.per_token).float()
+            if self.config.title_score == "pmi":
+                lp = lp - torch.as_tensor(self._prior()[np.stack([r.options for r in rows])], device=lp.device)
+            return F.cross_entropy(lp, target)
         ids, mask = pad_right([b[0] for b in batch], self.pad_id, self.device)
         labels, _ = pad_right([b[1] for b in batch], IGNORE, self.device)
         sel = labels != IGNORE
@@ -213,6 +216,8 @@ class InstructLM(Recommender):
                 self.retriever, retriever_info = get_retriever(split, cfg.retriever, cfg, cfg.seed, progress)
             self._setup(words, counts)
             self.sampler = self._sampler(split)
+            if cfg.scores_titles and cfg.title_score == "pmi":
+                self.prior = self.title_prior()  # before any fine-tuning step
             task = InstructTask(self, split)
             res = fit_loop(task, task.train_config(), self.device, workdir=workdir, progress=progress)
             mix_info = self.choose_mix(task.valid) if cfg.mode == "rerank" and len(task.valid) else None
@@ -250,6 +255,29 @@ class InstructLM(Recommender):
     def per_token(self) -> bool:
         return self.config.title_score == "mean"
 
+    def _prior(self) -> np.ndarray:
+        if self.prior is None:
+            raise RuntimeError("instruct-lm: title_score='pmi' needs the title prior (fit or load the model)")
+        return self.prior
+
+    def title_prior(self) -> np.ndarray:
+        """(n_items,) float32 log p(title + end | a prompt with no history) under the current weights: every item's
+        title, ``n_candidates`` titles packed per row."""
+        pb, n = self._require(), self.config.n_candidates
+        blind = pb.build(np.zeros(0, dtype=np.int64)).ids
+        items = np.arange(self.n_items)
+        groups = [items[s : s + n] for s in range(0, self.n_items, n)]
+        out = np.empty(self.n_items, dtype=np.float32)
+        with num_threads(self.config.num_threads), torch.inference_mode(), autocast(self.config.amp, self.device):
+            for s in batch_starts(len(groups), self.config.eval_batch_size):
+                rows = groups[s : s + self.config.eval_batch_size]
+                width = max(len(g) for g in rows)  # the last group may be short: pad it with its own first item
+                rows = [np.concatenate([g, np.full(width - len(g), g[0])]) for g in rows]
+                lp = title_logprobs(self.lm, self._pack([blind] * len(rows), rows)).float().cpu().numpy()
+                for g, v in zip(rows, lp, strict=True):
+                    out[g] = v
+        return out
+
     def _pack(self, prompts: Sequence[np.ndarray], options: Sequence[np.ndarray]) -> Any:
         return pack(prompts, [[self.title_answer(int(i)) for i in o] for o in options], self.pad_id, self.device)
 
@@ -271,6 +299,8 @@ class InstructLM(Recommender):
                 if titles:
                     lp = title_logprobs(self.lm, self._pack([prompts[i] for i in rows], [options[i] for i in rows]),
                                        self.per_token)
+                    if self.config.title_score == "pmi":
+                        lp = lp - torch.as_tensor(self._prior()[np.stack([options[i] for i in rows])], device=lp.device)
                 else:
                     assert self.letters is not None
                     lp = option_logprobs(self.lm, [prompts[i] for i in rows], self.letters[:n_opt], self.pad_id,
@@ -369,6 +399,8 @@ class InstructLM(Recommender):
     def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         tensors = {f"lm.{n}": p.detach().float().cpu().numpy().copy() for n, p in trainable(self._lm()).items()}
         tensors["counts"] = self.counts.astype(np.float64)
+        if self.prior is not None:
+            tensors["prior"] = self.prior.astype(np.float32)
         assert self.words is not None
         extra: dict[str, Any] = {"titles": self.words.titles, "brands": self.words.brands,
                                  "categories": self.words.categories, "mix": self.mix}
@@ -393,6 +425,7 @@ class InstructLM(Recommender):
             self._setup(words, tensors["counts"])
         self.sampler = NegativeSampler(self.counts, words.categories)
         self.mix = float(extra.get("mix", 0.0))
+        self.prior = np.asarray(tensors["prior"], dtype=np.float32) if "prior" in tensors else None
         state = trainable(self.lm)
         names = {k[3:] for k in tensors if k.startswith("lm.")}
         if names != set(state):

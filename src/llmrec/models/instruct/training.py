@@ -61,7 +61,8 @@ class InstructTask(TrainTask):
                            clock="loop", eval_every=c.eval_every, patience=c.patience, weight_decay=c.weight_decay,
                            schedule=c.schedule, warmup_steps=c.warmup_steps,
                            fit_schedule_to_budget=c.fit_schedule_to_budget, grad_accum=c.grad_accum, rng="per-step",
-                           seed=c.seed, checkpoint_every=c.checkpoint_every, loss_window=50, clip_norm=1.0)
+                           seed=c.seed, checkpoint_every=c.checkpoint_every, loss_window=50, clip_norm=1.0,
+                           validate_first=c.validate_first)
 
     def param_groups(self) -> list[dict[str, Any]]:
         c = self.model.config

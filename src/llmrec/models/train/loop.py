@@ -30,6 +30,8 @@ option                    meaning
 ``checkpoints``           False: never write or resume checkpoints
 ``loss_window``           the loss shown and recorded: mean of the epoch's last N micro-batches, or 0 =
                           the epoch's mean weighted by each batch's target count
+``validate_first``        validate the initial weights too (round 0), so a pretrained model that
+                          fine-tuning does not improve on validation is kept as it was
 ========================  ==================================================================
 
 Stop reasons: ``max_epochs``, ``max_steps``, ``max_minutes``, ``patience``. After training the best
@@ -85,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     checkpoints: bool = True
     loss_window: int = 0
+    validate_first: bool = False  # validate the initial weights too (a pretrained model's own candidate, step 0)
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "eval_every", "patience", "grad_accum"):
@@ -378,6 +381,8 @@ class _Loop:
                 if self.show else None
             try:
                 stopped = r.state.get("stopped")  # a finished checkpoint: nothing left to train
+                if stopped is None and cfg.validate_first and self.has_valid and not r["history"]:
+                    r["history"].append(self.validation_record())  # round 0: the weights before any step
                 if stopped is None:
                     stopped = self.run_epoch_unit() if cfg.unit == "epoch" else self.run_step_unit()
                 if cfg.unit == "step" and self.has_valid and (not r["history"] or r["history"][-1]["step"] != r["step"]):
