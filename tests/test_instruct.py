@@ -319,10 +319,11 @@ def test_letter_loss_equals_cross_entropy_over_option_letters(split):
 
 # --- title scoring --------------------------------------------------------------------------
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.lists(st.integers(1, 9), min_size=1, max_size=3),
-       st.integers(0, 2**16))
-@settings(max_examples=8, deadline=None)
-def test_packed_titles_equal_one_pass_per_title(answer_lengths, prompt_lengths, seed):
-    lm = load_backbone("random-tiny-llama")[0].eval()
+       st.integers(0, 2**16), st.sampled_from(["sdpa", "eager"]))
+@settings(max_examples=12, deadline=None)
+def test_packed_titles_equal_one_pass_per_title(answer_lengths, prompt_lengths, seed, attn):
+    """Also under eager attention, which adds the mask to its scores (a boolean mask would mask nothing)."""
+    lm = load_backbone("random-tiny-llama", attn=attn)[0].eval()
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, 200, size=n) for n in prompt_lengths]
     options = [[rng.integers(3, 200, size=k) for k in answer_lengths] for _ in prompts]

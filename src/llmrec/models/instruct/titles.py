@@ -84,10 +84,20 @@ def pack(prompts: Sequence[np.ndarray], options: Sequence[Sequence[np.ndarray]],
                   torch.as_tensor(np.concatenate(opt), device=device), n_opt)
 
 
+def attention_mask(lm: Any, allowed: torch.Tensor) -> torch.Tensor:
+    """The 4D mask in the form the backbone's attention takes it: boolean for SDPA (True = may attend), but
+    additive (0 / most negative float) for eager attention, which *adds* the mask to its scores (a boolean
+    mask would be added as 1 / 0 and mask nothing)."""
+    if getattr(causal(lm).config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)
+
+
 def title_logprobs(lm: Any, packed: Packed, per_token: bool = False, chunk: int = 1024) -> torch.Tensor:
     """(B, N) float32 log p(option's answer tokens | prompt), summed over its tokens (``per_token``: the
     mean over them); differentiable. The vocabulary logits are formed ``chunk`` tokens at a time."""
-    h = causal(lm).base_model(input_ids=packed.ids, attention_mask=packed.mask,
+    h = causal(lm).base_model(input_ids=packed.ids, attention_mask=attention_mask(lm, packed.mask),
                               position_ids=packed.positions).last_hidden_state  # (B, W, H)
     flat = h.reshape(-1, h.shape[-1])[packed.src]  # (M, H)
     parts = []
