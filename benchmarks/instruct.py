@@ -11,6 +11,7 @@ a user bootstrap for paired NDCG gains, Student t over seeds when there are seve
     python benchmarks/instruct.py --part title --seed 0
     python benchmarks/instruct.py --part adapters                   # LoRA vs QLoRA (each in a subprocess)
     python benchmarks/instruct.py --part analyze --run-tag choice-amazon-office-2014-s0
+    python benchmarks/instruct.py --part zeroshot --users 150       # the untuned LM's title scores (validation)
     python benchmarks/instruct.py --part table                      # rebuild instruct.md from the JSON
     python benchmarks/instruct.py --part choice --smoke             # the same code path in a minute (tiny LM)
     ... --set key=value                                             # override InstructLM config keys
@@ -130,6 +131,41 @@ def part_rerank(run: Any, users: int) -> dict[str, Any]:
                               - np.asarray(rep["retriever_per_user"]["ndcg@10"])).tolist()}
 
 
+def part_zeroshot(dataset: Path, users: int, n_layers: int, smoke: bool) -> dict[str, Any]:
+    """The untuned backbone's choice accuracy among 20 on VALIDATION users by five title scores: the title's
+    log-likelihood after the history (sum, per-token mean), after an empty history (sum, mean: text-only
+    baselines that see the options but not the history), and their difference (PMI)."""
+    from llmrec.data.dataset import Dataset
+    from llmrec.data.splits import leave_one_out
+    from llmrec.models.instruct import InstructLM, InstructLMConfig
+    from llmrec.models.instruct.evaluate import choice_lists, wilson
+    from llmrec.models.instruct.prompts import ItemWords
+
+    ds = Dataset.load(dataset)
+    split = leave_one_out(ds.sequences, ds.n_items).with_catalog(ds.catalog())
+    params = {**COMMON, **PARAMS["choice"], "scoring": "titles", "title_score": "sum", "n_layers": n_layers,
+              **(SMOKE if smoke else {})}
+    model = InstructLM(InstructLMConfig(**params), split.n_items)
+    model.feedback = None
+    model._setup(ItemWords.from_catalog(split.catalog, split.n_items, params["title_chars"]), split.train_item_counts())
+    model.sampler = model._sampler(split)
+    valid = split.valid.sample(users, np.random.default_rng(SAMPLE_SEED))
+    options = choice_lists(model, valid, seed=0)
+    truth = np.array([int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, valid.targets, strict=True)])
+    t0 = time.perf_counter()
+    hist = model.option_scores(valid.histories, options)
+    model.hide_history = True
+    blind = model.option_scores(valid.histories, options)
+    lengths = np.array([[len(model.title_answer(int(i))) for i in o] for o in options])
+    rows = {}
+    for name, score in [("history, sum", hist), ("history, mean", hist / lengths), ("no history, sum", blind),
+                        ("no history, mean", blind / lengths), ("PMI (history sum - no-history sum)", hist - blind)]:
+        k = int((score.argmax(axis=1) == truth).sum())
+        rows[name] = {"accuracy": k / len(truth), "ci95": wilson(k, len(truth))}
+    return {"dataset": dataset.name, "n_layers": n_layers, "valid_users": len(truth), "rows": rows,
+            "seconds": time.perf_counter() - t0, "chance": 1.0 / options[0].size}
+
+
 def part_title(run: Any, users: int) -> dict[str, Any]:
     from llmrec.eval.protocol import evaluate_full
 
@@ -176,7 +212,7 @@ def load_json(path: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True, choices=["choice", "rerank", "title", "adapters", "adapter-one",
-                                                      "analyze", "table"])
+                                                      "analyze", "zeroshot", "table"])
     ap.add_argument("--dataset", default="amazon-office-2014")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--users", type=int, default=0, help="test users in the fixed sample (default per part)")
@@ -217,6 +253,10 @@ def main() -> None:
             rows.append(json.loads(line[-1][7:]))
             print(rows[-1], flush=True)
         result["adapters"] = {"dataset": args.dataset, "rows": rows}
+    elif args.part == "zeroshot":
+        res = part_zeroshot(dataset, args.users or 150, int(parse_sets(args.set).get("n_layers", 0)), args.smoke)
+        result = {**load_json(json_path), "machine": result["machine"]}
+        result.setdefault("zeroshot", {})[f"{args.dataset}-L{res['n_layers']}"] = res
     elif args.part == "analyze":
         from llmrec.models.instruct.analysis import analyze
 

@@ -128,6 +128,26 @@ def title_section(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def zeroshot_section(result: dict[str, Any]) -> list[str]:
+    zs = result.get("zeroshot")
+    if not zs:
+        return []
+    lines = ["## The untuned backbone's title scores (choice among 20, VALIDATION users)", "",
+             ("No training: SmolLM2-135M-Instruct (blocks kept: column) scores each of the 20 options by its title's "
+              "log-likelihood (title + end token) after the prompt with the history, or after the same prompt with "
+              "no history (a text-only baseline: it sees the options, not the shopper), summed or averaged per "
+              "token; PMI is the difference of the two sums. The same candidate lists as the choice runs' "
+              "construction (popularity negatives), on a fixed seeded sample of validation users; Wilson intervals."),
+             "", "| dataset | blocks | score | accuracy [95% CI] | chance | valid users | seconds |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for z in zs.values():
+        for name, v in z["rows"].items():
+            lines.append(f"| {z['dataset']} | {z['n_layers'] or 'all'} | {name} | {v['accuracy']:.4f} "
+                         f"[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] | {z['chance']:.3f} | {z['valid_users']} | "
+                         f"{z['seconds']:.0f} |")
+    return lines + [""]
+
+
 def adapters_section(result: dict[str, Any]) -> list[str]:
     a = result.get("adapters")
     if not a:
@@ -175,7 +195,8 @@ def markdown(result: dict[str, Any]) -> str:
              "cut to 40 characters (see `COMMON` in benchmarks/instruct.py). Test figures are on a FIXED SEEDED "
              "SAMPLE of test users (sizes below), not the whole test set."), ""]
     lines += targets_section(result)
-    lines += choice_section(result) + rerank_section(result) + title_section(result) + adapters_section(result)
+    lines += choice_section(result) + zeroshot_section(result) + rerank_section(result) + title_section(result)
+    lines += adapters_section(result)
     an = result.get("analysis")
     if an:
         lines += ["## Error analysis", "", f"Run `{an['run']}`: see `{an['dir']}/analysis.md` and its plots.", ""]
