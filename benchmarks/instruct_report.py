@@ -58,10 +58,10 @@ def choice_section(result: dict[str, Any]) -> list[str]:
     refs = [(r, name, v) for r in runs for name, v in (r["test"].get("references") or {}).items()]
     if refs:
         lines += ["", ("Reference: classic recommenders fitted on the same training split picking the highest-scored "
-                  "option of the very same candidate lists:"), "", "| dataset | seed | model | accuracy [95% CI] |",
-                  "|---|---:|---|---:|"]
-        lines += [f"| {r['dataset']} | {r['seed']} | {name} | {v['accuracy']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |"
-                  for r, name, v in refs]
+                  "option of the very same candidate lists (those of the run named):"), "",
+                  "| dataset | run | seed | model | accuracy [95% CI] | test users |", "|---|---|---:|---|---:|---:|"]
+        lines += [f"| {r['dataset']} | {r['tag'] or 'lora'} | {r['seed']} | {name} | {v['accuracy']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] | "
+                  f"{r['test']['test_users']} |" for r, name, v in refs]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["tag"]), []).append(r)
