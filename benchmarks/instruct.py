@@ -139,16 +139,13 @@ def part_zeroshot(dataset: Path, users: int, n_layers: int, smoke: bool) -> dict
     from llmrec.data.splits import leave_one_out
     from llmrec.models.instruct import InstructLM, InstructLMConfig
     from llmrec.models.instruct.evaluate import choice_lists, wilson
-    from llmrec.models.instruct.prompts import ItemWords
 
     ds = Dataset.load(dataset)
     split = leave_one_out(ds.sequences, ds.n_items).with_catalog(ds.catalog())
     params = {**COMMON, **PARAMS["choice"], "scoring": "titles", "title_score": "sum", "n_layers": n_layers,
               **(SMOKE if smoke else {})}
     model = InstructLM(InstructLMConfig(**params), split.n_items)
-    model.feedback = None
-    model._setup(ItemWords.from_catalog(split.catalog, split.n_items, params["title_chars"]), split.train_item_counts())
-    model.sampler = model._sampler(split)
+    model.prepare(split)
     valid = split.valid.sample(users, np.random.default_rng(SAMPLE_SEED))
     options = choice_lists(model, valid, seed=0)
     truth = np.array([int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, valid.targets, strict=True)])
@@ -209,6 +206,19 @@ def load_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def record(path: Path, keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """Set ``result[keys[0]][keys[1]]... = value`` in the JSON at ``path`` as it is *now* (runs that ended while
+    this one ran are kept), with this machine's description; write it back and return it."""
+    result = load_json(path)
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "hardware": HARDWARE}
+    node = result
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    path.write_text(json.dumps(result, indent=2, default=float))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True, choices=["choice", "rerank", "title", "adapters", "adapter-one",
@@ -237,8 +247,6 @@ def main() -> None:
     if args.part == "adapter-one":
         print("RESULT " + json.dumps(adapter_one(dataset, args.finetune, args.steps, args.users or 200, args.smoke)))
         return
-    result = load_json(json_path)
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "hardware": HARDWARE}
     if args.part == "adapters":
         rows = []
         for ft in ("lora", "qlora"):
@@ -252,27 +260,30 @@ def main() -> None:
                 continue
             rows.append(json.loads(line[-1][7:]))
             print(rows[-1], flush=True)
-        result["adapters"] = {"dataset": args.dataset, "rows": rows}
+        result = record(json_path, ("adapters",), {"dataset": args.dataset, "rows": rows})
     elif args.part == "zeroshot":
         res = part_zeroshot(dataset, args.users or 150, int(parse_sets(args.set).get("n_layers", 0)), args.smoke)
-        result = {**load_json(json_path), "machine": result["machine"]}
-        result.setdefault("zeroshot", {})[f"{args.dataset}-L{res['n_layers']}"] = res
+        result = record(json_path, ("zeroshot", f"{args.dataset}-L{res['n_layers']}"), res)
     elif args.part == "analyze":
         from llmrec.models.instruct.analysis import analyze
 
         run_dir = args.workdir / "runs" / args.run_tag
         plots = out_dir / "instruct-analysis"
         rep = analyze(run_dir, n_users=args.users or 300, out=plots)
-        result["analysis"] = {"run": args.run_tag, "summary": rep["summary"], "dir": str(plots.relative_to(ROOT))
-                              if plots.is_relative_to(ROOT) else str(plots)}
-    elif args.part != "table":
+        result = record(json_path, ("analysis",), {"run": args.run_tag, "summary": rep["summary"],
+                                                   "dir": str(plots.relative_to(ROOT)) if plots.is_relative_to(ROOT)
+                                                   else str(plots)})
+    elif args.part == "table":
+        result = load_json(json_path)
+    else:
         from llmrec.runs import load_run
 
         params = {**COMMON, **PARAMS[args.part], **(SMOKE if args.smoke else {}), **parse_sets(args.set)}
         tag = f"{args.part}-{args.dataset}-s{args.seed}" + (f"-{args.tag}" if args.tag else "")
         run_dir = args.workdir / "runs" / tag
         if args.eval_only:  # evaluate the run trained earlier (its training facts kept from the JSON)
-            trained = {k: v for k, v in result["runs"][tag].items() if k in ("train_seconds", "fit", "history")}
+            trained = {k: v for k, v in load_json(json_path)["runs"][tag].items()
+                       if k in ("train_seconds", "fit", "history")}
         else:
             trained = train_run(args.part, dataset, args.seed, params, run_dir)
         run = load_run(run_dir)
@@ -283,20 +294,15 @@ def main() -> None:
             sample = test_sample(run, users)
             options = choice_lists(run.model, sample, seed=0)
             truth = [int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, sample.targets, strict=True)]
-            result["runs"][tag]["test"]["references"] = reference_choice(run, sample, {"options": options, "truth": truth})
-            json_path.write_text(json.dumps(result, indent=2, default=float))
-            from instruct_report import markdown
-
-            (out_dir / "instruct.md").write_text(markdown(result))
-            return
-        evaluated = {"choice": part_choice, "rerank": part_rerank, "title": part_title}[args.part](run, users)
-        result = {**load_json(json_path), "machine": result["machine"]}  # runs that ended meanwhile are kept
-        result.setdefault("runs", {})[tag] = {"part": args.part, "dataset": args.dataset, "seed": args.seed,
-                                              "tag": args.tag, **trained, "test": evaluated, "peak_rss_mb": rss_mb(),
-                                              "params": params}
-        if not args.smoke and run_dir.exists():
-            shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
-    json_path.write_text(json.dumps(result, indent=2, default=float))
+            refs = reference_choice(run, sample, {"options": options, "truth": truth})
+            result = record(json_path, ("runs", tag, "test", "references"), refs)
+        else:
+            evaluated = {"choice": part_choice, "rerank": part_rerank, "title": part_title}[args.part](run, users)
+            result = record(json_path, ("runs", tag), {"part": args.part, "dataset": args.dataset, "seed": args.seed,
+                                                       "tag": args.tag, **trained, "test": evaluated,
+                                                       "peak_rss_mb": rss_mb(), "params": params})
+            if not args.smoke and run_dir.exists():
+                shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
     from instruct_report import markdown  # the tables, in the module beside this script
 
     (out_dir / "instruct.md").write_text(markdown(result))

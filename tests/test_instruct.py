@@ -304,8 +304,7 @@ def test_cli_train_evaluate_analyze(tmp_path, make_cycle_split):
 def test_letter_loss_equals_cross_entropy_over_option_letters(split):
     cfg = InstructLMConfig(mode="choice", letter_loss="letters", amp="off", **TINY)
     model = InstructLM(cfg, split.n_items)
-    model._setup(ItemWords.from_catalog(split.catalog, split.n_items, 80), split.train_item_counts())
-    model.sampler = model._sampler(split)
+    model.prepare(split)
     rows = model.training_rows(split.train[:3], [(u, len(split.train[u]) - 1) for u in range(3)],
                                np.random.default_rng(0))
     with torch.no_grad():
@@ -339,8 +338,7 @@ def test_packed_titles_equal_one_pass_per_title(answer_lengths, prompt_lengths, 
 def test_title_scoring_prompts_hide_options_and_loss_is_softmax_over_titles(split):
     cfg = InstructLMConfig(mode="choice", scoring="titles", title_score="sum", amp="off", **TINY)
     model = InstructLM(cfg, split.n_items)
-    model._setup(ItemWords.from_catalog(split.catalog, split.n_items, 80), split.train_item_counts())
-    model.sampler = model._sampler(split)
+    model.prepare(split)
     assert model.letters is None and "Write the title" in model.render(split.train[0][:2])
     rows = model.training_rows(split.train[:3], [(u, len(split.train[u]) - 1) for u in range(3)],
                                np.random.default_rng(0))
@@ -361,8 +359,7 @@ def test_title_scoring_gradients_fit_a_batch(split):
     torch.manual_seed(0)
     model = InstructLM(InstructLMConfig(mode="choice", scoring="titles", title_score="sum", amp="off", finetune="full", **TINY),
                        split.n_items)
-    model._setup(ItemWords.from_catalog(split.catalog, split.n_items, 80), split.train_item_counts())
-    model.sampler = model._sampler(split)
+    model.prepare(split)
     rows = model.training_rows(split.train[:8], [(u, len(split.train[u]) - 1) for u in range(8)],
                                np.random.default_rng(0))
     opt = torch.optim.Adam(list(trainable(model.lm).values()), lr=3e-3)

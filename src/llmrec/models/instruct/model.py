@@ -176,10 +176,7 @@ class InstructLM(Recommender):
             rows: Sequence[OptionsRow] = batch  # type: ignore[assignment]
             target = torch.as_tensor([r.answer for r in rows], device=self.device)
             with autocast(self.config.amp, self.device):
-                packed = self._pack([r.prompt for r in rows], [r.options for r in rows])
-                lp = title_logprobs(self.lm, packed, self.per_token).float()
-            if self.config.title_score == "pmi":
-                lp = lp - torch.as_tensor(self._prior()[np.stack([r.options for r in rows])], device=lp.device)
+                lp = self.title_scores([r.prompt for r in rows], [r.options for r in rows])
             return F.cross_entropy(lp, target)
         ids, mask = pad_right([b[0] for b in batch], self.pad_id, self.device)
         labels, _ = pad_right([b[1] for b in batch], IGNORE, self.device)
@@ -205,19 +202,13 @@ class InstructLM(Recommender):
         if split.n_items != self.n_items:
             raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
         cfg, start = self.config, time.perf_counter()
-        self.feedback = split.feedback if self.wants_feedback else None
-        words = ItemWords.from_catalog(split.catalog, self.n_items, cfg.title_chars)
-        counts = split.train_item_counts()
         retriever_info = None
         with num_threads(cfg.num_threads):
             if cfg.mode == "rerank":
                 from llmrec.models.instruct.retriever import get_retriever
 
                 self.retriever, retriever_info = get_retriever(split, cfg.retriever, cfg, cfg.seed, progress)
-            self._setup(words, counts)
-            self.sampler = self._sampler(split)
-            if cfg.scores_titles and cfg.title_score == "pmi":
-                self.prior = self.title_prior()  # before any fine-tuning step
+            self.prepare(split)
             task = InstructTask(self, split)
             res = fit_loop(task, task.train_config(), self.device, workdir=workdir, progress=progress)
             mix_info = self.choose_mix(task.valid) if cfg.mode == "rerank" and len(task.valid) else None
@@ -229,6 +220,17 @@ class InstructLM(Recommender):
                 "stopped": res["stopped"], "resumed_from": res["resumed_from"], "retriever": retriever_info,
                 "rerank_mix": mix_info, "trainable_parameters": sum(p.numel() for p in trainable(self.lm).values()),
                 "history": res["history"]}
+
+    def prepare(self, split: Split) -> None:
+        """Everything fine-tuning starts from, read from ``split``'s training data and catalog: the backbone with
+        fresh adapters, the prompt machinery, the negative sampler, and the ``"pmi"`` title prior (computed under
+        these untuned weights)."""
+        cfg = self.config
+        self.feedback = split.feedback if self.wants_feedback else None
+        self._setup(ItemWords.from_catalog(split.catalog, self.n_items, cfg.title_chars), split.train_item_counts())
+        self.sampler = self._sampler(split)
+        if cfg.scores_titles and cfg.title_score == "pmi":
+            self.prior = self.title_prior()
 
     def _sampler(self, split: Split) -> NegativeSampler:
         cfg = self.config
@@ -251,14 +253,16 @@ class InstructLM(Recommender):
         return out
 
     # --- option scoring, shortlists -----------------------------------------------------
-    @property
-    def per_token(self) -> bool:
-        return self.config.title_score == "mean"
-
-    def _prior(self) -> np.ndarray:
-        if self.prior is None:
-            raise RuntimeError("instruct-lm: title_score='pmi' needs the title prior (fit or load the model)")
-        return self.prior
+    def title_scores(self, prompts: Sequence[np.ndarray], options: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, N) float32 ``title_score`` of each option's title after its prompt (differentiable): the mean or
+        sum of the title's token log-probabilities, or for ``"pmi"`` the sum minus :attr:`prior`."""
+        score = self.config.title_score
+        lp = title_logprobs(self.lm, self._pack(prompts, options), per_token=score == "mean").float()
+        if score == "pmi":
+            if self.prior is None:
+                raise RuntimeError("instruct-lm: title_score='pmi' needs the title prior (fit or load the model)")
+            lp = lp - torch.as_tensor(self.prior[np.stack(options)], device=lp.device)
+        return lp
 
     def title_prior(self) -> np.ndarray:
         """(n_items,) float32 log p(title + end | a prompt with no history) under the current weights: every item's
@@ -297,10 +301,7 @@ class InstructLM(Recommender):
             for s in batch_starts(len(prompts), self.config.eval_batch_size):
                 rows = order[s : s + self.config.eval_batch_size]
                 if titles:
-                    lp = title_logprobs(self.lm, self._pack([prompts[i] for i in rows], [options[i] for i in rows]),
-                                       self.per_token)
-                    if self.config.title_score == "pmi":
-                        lp = lp - torch.as_tensor(self._prior()[np.stack([options[i] for i in rows])], device=lp.device)
+                    lp = self.title_scores([prompts[i] for i in rows], [options[i] for i in rows])
                 else:
                     assert self.letters is not None
                     lp = option_logprobs(self.lm, [prompts[i] for i in rows], self.letters[:n_opt], self.pad_id,
