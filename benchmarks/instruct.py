@@ -87,9 +87,10 @@ def part_choice(run: Any, users: int) -> dict[str, Any]:
 
     sample = test_sample(run, users)
     t0 = time.perf_counter()
-    res = choice_accuracy(run.model, sample, seed=0)
+    seed = run.config.seed  # the run's seed draws its candidate lists (negatives, option order)
+    res = choice_accuracy(run.model, sample, seed=seed)
     secs = time.perf_counter() - t0
-    blind = choice_accuracy(run.model, sample, seed=0, blind=True)
+    blind = choice_accuracy(run.model, sample, seed=seed, blind=True)
     pos = np.bincount(res["records"]["chosen"], minlength=run.model.config.n_candidates)
     refs = reference_choice(run, sample, res["records"])
     return {"references": refs, "accuracy": res["accuracy"], "ci95": res["ci95"], "chance": res["chance"],
@@ -292,7 +293,7 @@ def main() -> None:
             from llmrec.models.instruct.evaluate import choice_lists
 
             sample = test_sample(run, users)
-            options = choice_lists(run.model, sample, seed=0)
+            options = choice_lists(run.model, sample, seed=run.config.seed)
             truth = [int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, sample.targets, strict=True)]
             refs = reference_choice(run, sample, {"options": options, "truth": truth})
             result = record(json_path, ("runs", tag, "test", "references"), refs)
