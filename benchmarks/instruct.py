@@ -56,7 +56,8 @@ COMMON: dict[str, Any] = {
 PARAMS: dict[str, dict[str, Any]] = {
     "choice": {"mode": "choice", "n_candidates": 20, "negatives": "popularity", "letter_loss": "letters"},
     "rerank": {"mode": "rerank", "n_candidates": 20, "retriever": "sasrec", "letter_loss": "letters",
-               "collab_minutes": 5.0, "rerank_mix": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0]},
+               "collab_minutes": 5.0,
+               "rerank_mix": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]},
     "title": {"mode": "title", "decoding": "trie", "num_beams": 10, "max_new_tokens": 24, "valid_users": 40,
               "eval_every": 100},
 }
