@@ -140,7 +140,7 @@ def part_zeroshot(dataset: Path, users: int, n_layers: int, smoke: bool) -> dict
     from llmrec.data.dataset import Dataset
     from llmrec.data.splits import leave_one_out
     from llmrec.models.instruct import InstructLM, InstructLMConfig
-    from llmrec.models.instruct.evaluate import choice_lists, wilson
+    from llmrec.models.instruct.evaluate import choice_lists, true_positions, wilson
 
     ds = Dataset.load(dataset)
     split = leave_one_out(ds.sequences, ds.n_items).with_catalog(ds.catalog())
@@ -150,7 +150,7 @@ def part_zeroshot(dataset: Path, users: int, n_layers: int, smoke: bool) -> dict
     model.prepare(split)
     valid = split.valid.sample(users, np.random.default_rng(SAMPLE_SEED))
     options = choice_lists(model, valid, seed=0)
-    truth = np.array([int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, valid.targets, strict=True)])
+    truth = true_positions(options, valid)
     t0 = time.perf_counter()
     hist = model.option_scores(valid.histories, options)
     model.hide_history = True
@@ -291,11 +291,11 @@ def main() -> None:
         run = load_run(run_dir)
         users = args.users or {"choice": 500, "rerank": 800, "title": 100}[args.part]
         if args.refs_only:  # add the classic recommenders' accuracy on the very same candidate lists
-            from llmrec.models.instruct.evaluate import choice_lists
+            from llmrec.models.instruct.evaluate import choice_lists, true_positions
 
             sample = test_sample(run, users)
             options = choice_lists(run.model, sample, seed=run.config.seed)
-            truth = [int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, sample.targets, strict=True)]
+            truth = true_positions(options, sample).tolist()
             refs = reference_choice(run, sample, {"options": options, "truth": truth})
             result = record(json_path, ("runs", tag, "test", "references"), refs)
         else:

@@ -52,6 +52,12 @@ def choice_lists(model: InstructLM, evalset: EvalSet, n: int | None = None, nega
             for h, t in zip(evalset.histories, evalset.targets, strict=True)]
 
 
+def true_positions(options: Sequence[np.ndarray], evalset: EvalSet) -> np.ndarray:
+    """(n,) int64 index of each user's true next item (``evalset.targets[r][0]``) in its candidate list."""
+    return np.array([int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, evalset.targets, strict=True)],
+                    dtype=np.int64)
+
+
 def choice_accuracy(model: InstructLM, evalset: EvalSet, n: int | None = None, negatives: str | None = None,
                     seed: int = 0, blind: bool = False) -> dict[str, Any]:
     """Accuracy of picking the true next item among ``n`` candidates (one forward pass per batch).
@@ -64,7 +70,7 @@ def choice_accuracy(model: InstructLM, evalset: EvalSet, n: int | None = None, n
         lp = model.option_scores(evalset.histories, options, evalset.users)
     finally:
         model.hide_history = old
-    truth = np.array([int(np.flatnonzero(o == t[0])[0]) for o, t in zip(options, evalset.targets, strict=True)])
+    truth = true_positions(options, evalset)
     chosen = lp.argmax(axis=1)
     k = int((chosen == truth).sum())
     records = {"users": evalset.users.tolist(), "options": [o.tolist() for o in options], "chosen": chosen.tolist(),
