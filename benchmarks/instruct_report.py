@@ -39,6 +39,9 @@ def _scoring(r: dict[str, Any]) -> str:
 
 def _fit(r: dict[str, Any]) -> str:
     f = r["fit"]
+    if f["stopped"] == "finetune=none":
+        return (f"untuned (finetune none), valid {f['valid_metric']} {f['best_valid']:.4f} on {f['valid_users']} users, "
+                f"{r['train_seconds'] / 60:.1f} min")
     return (f"{f['steps']} steps ({f['seconds_per_step']:.1f} s/step, stopped by {f['stopped']}, best valid "
             f"{f['valid_metric']} {f['best_valid']:.4f} at step {f['best_step']}), {r['train_seconds'] / 60:.1f} min")
 

@@ -395,3 +395,21 @@ def test_pmi_scores_subtract_the_untuned_title_prior(split, tmp_path):
     np.testing.assert_array_equal(loaded.prior, model.prior)
     np.testing.assert_allclose(loaded.option_scores(histories, options), model.option_scores(histories, options),
                                atol=1e-5)
+
+
+def test_finetune_none_is_the_backbone_as_it_is(split, tmp_path):
+    cfg = InstructLMConfig(mode="rerank", retriever="itemknn", scoring="titles", title_score="pmi", amp="off",
+                           finetune="none", rerank_mix=[0.0, 1.0, 64.0], **TINY)
+    model = InstructLM(cfg, split.n_items)
+    fit = model.fit(split, progress=False)
+    assert fit["steps"] == 0 and fit["history"] == [] and not trainable(model.lm)
+    base, _ = load_backbone("random-tiny-llama")
+    for name, p in model.lm.named_parameters():  # the weights are the backbone's, untouched
+        assert torch.equal(p.float(), base.get_parameter(name).float()), name
+    mix = fit["rerank_mix"]
+    assert model.mix in mix["weights"] and fit["best_valid"] == max(mix["valid_ndcg@10"])
+    model.save(tmp_path / "m")
+    loaded = InstructLM.load(tmp_path / "m")
+    h = split.test.histories[:4]
+    assert loaded.mix == model.mix
+    np.testing.assert_allclose(loaded.score(h), model.score(h), atol=1e-5)

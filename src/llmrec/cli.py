@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="error analysis of an instruct-lm run (markdown + plots in RUN/analysis)")
     p.add_argument("run", type=Path)
     p.add_argument("--users", type=positive_int, default=500, help="test users (a fixed seeded sample)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="draws the users and candidates (default: the run's seed)")
     return parser
 
 

@@ -81,8 +81,10 @@ def _bar(path: Path, labels: list[str], values: list[float], title: str, ylabel:
     plt.close(fig)
 
 
-def analyze(run_dir: str | Path, n_users: int = 500, seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
-    """Write the error-analysis report of ``run_dir`` (see the module docstring); returns its figures."""
+def analyze(run_dir: str | Path, n_users: int = 500, seed: int | None = None, out: str | Path | None = None
+            ) -> dict[str, Any]:
+    """Write the error-analysis report of ``run_dir`` (see the module docstring); returns its figures. ``seed`` draws
+    the user sample and the candidate lists (default: the run's own seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +97,7 @@ def analyze(run_dir: str | Path, n_users: int = 500, seed: int = 0, out: str | P
         raise ValueError(f"{run_dir}: llmrec analyze reads instruct-lm runs, this is a {run.config.model.name} run")
     out = Path(out) if out else Path(run_dir) / "analysis"
     out.mkdir(parents=True, exist_ok=True)
-    rec = _records(run, n_users, seed)
+    rec = _records(run, n_users, run.config.seed if seed is None else seed)
     words, counts = run.model.words, run.split.train_item_counts()
     metric, name = np.asarray(rec["metric"], dtype=np.float64), rec["metric_name"]
     targets, top1 = np.asarray(rec["targets"]), np.asarray(rec["top1"])

@@ -74,7 +74,9 @@ class InstructLMConfig(CompanionKeys):
     # weights w of the retriever in the shortlist score (LM log-prob + w x retriever log-softmax), chosen on validation
     rerank_mix: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
     # fine-tuning
-    finetune: Literal["lora", "qlora", "full"] = "lora"
+    # "none": the backbone as it is (zero-shot): fit reads the catalog, computes the "pmi" prior and, in rerank
+    # mode, chooses ``rerank_mix`` on validation in one pass, without running the training loop
+    finetune: Literal["lora", "qlora", "full", "none"] = "lora"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -1,4 +1,4 @@
-"""The backbone with its fine-tuning adapters: LoRA (peft), QLoRA (bitsandbytes 4-bit + LoRA) or full.
+"""The backbone with its fine-tuning adapters: LoRA (peft), QLoRA (bitsandbytes 4-bit + LoRA), full, or none.
 
 QLoRA loads the backbone's linear layers as 4-bit NF4 weights (``bitsandbytes``; on GPUs, and on
 CPUs where bitsandbytes has a CPU backend, as it has here) and trains LoRA adapters on top in the
@@ -82,7 +82,7 @@ def load_lm(cfg: InstructLMConfig, device: torch.device) -> tuple[Any, PreTraine
         for p in lm.parameters():  # adapters train in float32 whatever the backbone's dtype
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    else:  # full: every transformer weight trains; the vocabulary matrices stay frozen
+    elif cfg.finetune == "full":  # every transformer weight trains; the vocabulary matrices stay frozen
         frozen = {id(lm.get_input_embeddings().weight), id(lm.get_output_embeddings().weight)}
         for p in lm.parameters():
             p.requires_grad_(id(p) not in frozen)

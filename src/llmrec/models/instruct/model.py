@@ -210,8 +210,13 @@ class InstructLM(Recommender):
                 self.retriever, retriever_info = get_retriever(split, cfg.retriever, cfg, cfg.seed, progress)
             self.prepare(split)
             task = InstructTask(self, split)
-            res = fit_loop(task, task.train_config(), self.device, workdir=workdir, progress=progress)
+            if cfg.finetune == "none":  # zero-shot: nothing to train, the loop is not run
+                res = self._untrained(task)
+            else:
+                res = fit_loop(task, task.train_config(), self.device, workdir=workdir, progress=progress)
             mix_info = self.choose_mix(task.valid) if cfg.mode == "rerank" and len(task.valid) else None
+            if cfg.finetune == "none" and mix_info is not None:
+                res["best_valid_ndcg@10"] = max(mix_info["valid_ndcg@10"])
         return {"steps": res["steps"], "epochs": res["steps"] / res["steps_per_epoch"],
                 "steps_per_epoch": res["steps_per_epoch"], "examples_per_epoch": task.n0,
                 "best_step": res["best_at"], "best_valid": res["best_valid_ndcg@10"],
@@ -220,6 +225,15 @@ class InstructLM(Recommender):
                 "stopped": res["stopped"], "resumed_from": res["resumed_from"], "retriever": retriever_info,
                 "rerank_mix": mix_info, "trainable_parameters": sum(p.numel() for p in trainable(self.lm).values()),
                 "history": res["history"]}
+
+    def _untrained(self, task: Any) -> dict[str, Any]:
+        """What :func:`fit_loop` reports, for ``finetune = "none"``: no steps; the validation score of the backbone
+        as it is (left to :meth:`choose_mix` in rerank mode, which scores the validation users once)."""
+        valid = float("nan")
+        if self.config.mode != "rerank" and task.has_validation():
+            valid = task.validate()
+        return {"steps": 0, "steps_per_epoch": task.n_batches(), "best_at": 0, "best_valid_ndcg@10": valid,
+                "seconds_per_step": float("nan"), "stopped": "finetune=none", "resumed_from": None, "history": []}
 
     def prepare(self, split: Split) -> None:
         """Everything fine-tuning starts from, read from ``split``'s training data and catalog: the backbone with
