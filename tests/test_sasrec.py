@@ -13,7 +13,7 @@ from conftest import N_ITEMS, cycle_split
 
 from llmrec.config import ConfigError, from_dict
 from llmrec.data.splits import Split
-from llmrec.models.sasrec import FullSoftmaxCE, SASRec, SASRecConfig
+from llmrec.models.sasrec import FullSoftmaxCE, SASRec, SASRecConfig, sampled_softmax_ce
 
 
 def tiny_config(**overrides: object) -> SASRecConfig:
@@ -172,3 +172,66 @@ def test_time_budget_stops_training(split: Split) -> None:
     assert info["epochs"] == 1 == info["best_epoch"]
     assert np.isfinite(info["best_valid_ndcg@10"])
     assert np.isfinite(model.score(split.valid.histories)).all()
+
+
+def test_sampled_softmax_matches_explicit_logits() -> None:
+    """The sampled loss is the cross-entropy of [target, negatives] with accidental hits left out."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
+    table = torch.randn(11, 8, generator=gen, dtype=torch.float64)  # row 0 = padding
+    targets = torch.tensor([[0, 2, 3, 4], [0, 0, 5, 6], [7, 8, 9, 10]])
+    negatives = torch.tensor([[3, 1, 1], [9, 6, 2], [1, 2, 3]])  # row 0 hits target 3, row 1 hits 6
+    expected = []
+    for b in range(3):
+        for t in range(4):
+            y = int(targets[b, t])
+            if y == 0:
+                continue
+            negs = [int(n) for n in negatives[b] if int(n) != y]
+            logits = torch.stack([h[b, t] @ table[i] for i in [y, *negs]])
+            expected.append(-torch.log_softmax(logits, dim=0)[0])
+    torch.testing.assert_close(sampled_softmax_ce(h, table, targets, negatives), torch.stack(expected).mean())
+    # negatives that are all the target leave a one-way softmax: zero loss
+    only_hits = targets.clamp(min=1)[:, :1].expand(3, 5)
+    assert float(sampled_softmax_ce(h[:, :1], table, targets.clamp(min=1)[:, :1], only_hits)) == 0.0
+
+
+def test_sampled_softmax_learns_the_cycle(split: Split) -> None:
+    model = SASRec(tiny_config(loss="sampled_softmax", n_negatives=5), N_ITEMS)
+    info = model.fit(split, progress=False)
+    ids, _ = model.recommend(split.test.histories, k=1)
+    expected = np.array([t[0] for t in split.test.targets])
+    assert (ids[:, 0] == expected).mean() >= 0.9
+    assert info["best_valid_ndcg@10"] > 0.8
+
+
+def test_sampled_softmax_config_errors() -> None:
+    with pytest.raises(ValueError, match="n_negatives"):
+        tiny_config(loss="sampled_softmax", n_negatives=0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tiny_config(loss="sampled_softmax", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="loss must be"):
+        tiny_config(loss="bpr")
+
+
+def test_xavier_init_and_unscaled_embeddings() -> None:
+    """init="xavier" draws every matrix Xavier-normal (padding row kept zero); emb_scale=False feeds the raw rows."""
+    from llmrec.models.sasrec import SASRecNet
+
+    cfg = tiny_config(init="xavier", hidden_size=64, max_len=50)
+    net = SASRecNet(cfg, 2000).requires_grad_(False)
+    rows = net.item_emb.weight[1:]
+    expected = (2.0 / (2001 + 64)) ** 0.5
+    assert abs(float(rows.std()) - expected) < 0.1 * expected
+    assert float(net.pos_emb.weight.std()) > 2 * float(rows.std())  # (50, 64) is Xavier-wider than (2001, 64)
+    assert float(net.item_emb.weight[0].abs().sum()) == 0.0
+    normal = SASRecNet(tiny_config(hidden_size=64, max_len=50), 2000).requires_grad_(False)
+    assert abs(float(normal.item_emb.weight[1:].std()) - 0.02) < 0.002
+    tokens = torch.tensor([[0, 3, 5]])
+    scaled, unscaled = SASRecNet(tiny_config(), 30), SASRecNet(tiny_config(emb_scale=False), 30)
+    unscaled.load_state_dict(scaled.state_dict())
+    scaled.eval(), unscaled.eval()
+    with torch.no_grad():
+        assert not torch.allclose(scaled.hidden(tokens), unscaled.hidden(tokens))
+    with pytest.raises(ValueError, match="init must be"):
+        tiny_config(init="kaiming")

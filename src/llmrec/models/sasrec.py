@@ -1,8 +1,10 @@
 """SASRec: self-attentive sequential recommendation (Kang & McAuley, 2018), nanoGPT style.
 
 A causal Transformer reads a user's last ``max_len`` items and predicts the next item at every
-position. Training uses the full softmax (cross-entropy over all items), not sampled negatives;
-the item embedding matrix doubles as the output layer (``logits = h @ E_items^T``).
+position. Training uses the full softmax (cross-entropy over all items) by default, or a sampled
+softmax over the target and ``n_negatives`` uniformly drawn items per sequence (``loss =
+"sampled_softmax"``, the SASRec+SS of the eSASRec benchmark, arXiv 2508.06450); the item embedding
+matrix doubles as the output layer (``logits = h @ E_items^T``).
 
 Id spaces: dataset items are ``0..n_items-1``. Inside the network every item is shifted by +1 so
 that token ``0`` is padding; input rows are left-padded and long histories are truncated from the
@@ -49,7 +51,9 @@ class SASRecConfig:
     max_len: int = 50  # longest input sequence; older items are dropped
     lr: float = 3e-3  # peak learning rate (Adam/AdamW)
     weight_decay: float = 0.0  # decoupled (AdamW); 0 gives plain Adam
-    label_smoothing: float = 0.0  # softmax target (1 - eps) x onehot + eps / n_items
+    label_smoothing: float = 0.0  # softmax target (1 - eps) x onehot + eps / n_items (full softmax only)
+    loss: Literal["softmax", "sampled_softmax"] = "softmax"  # full softmax, or target vs n_negatives draws
+    n_negatives: int = 256  # sampled_softmax: uniform negatives per sequence, shared by its positions
     lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decay to 0 over max_epochs
     batch_size: int = 256  # training sequences per step
     max_epochs: int = 20  # also the length of the cosine schedule
@@ -65,6 +69,8 @@ class SASRecConfig:
     # each block adds filter_mix x filter + (1 - filter_mix) x attention; 0 = plain SASRec.
     filter_mix: float = 0.0
     filter_window: int = 5  # the filter averages the newest filter_window items up to each position
+    emb_scale: bool = True  # multiply input item embeddings by sqrt(hidden_size) (SASRec's paper; RecTools: no)
+    init: Literal["normal", "xavier"] = "normal"  # N(0, 0.02) weights (GPT-2), or Xavier-normal matrices (RecTools)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.n_heads != 0:
@@ -83,6 +89,7 @@ class SASRecConfig:
             "patience",
             "eval_batch_size",
             "filter_window",
+            "n_negatives",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -92,8 +99,14 @@ class SASRecConfig:
             raise ValueError("max_minutes must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.loss not in ("softmax", "sampled_softmax"):
+            raise ValueError(f"loss must be 'softmax' or 'sampled_softmax', got {self.loss!r}")
+        if self.loss == "sampled_softmax" and self.label_smoothing > 0.0:
+            raise ValueError("label_smoothing applies to loss='softmax' only")
         if not 0.0 <= self.filter_mix <= 1.0:
             raise ValueError(f"filter_mix must be in [0, 1], got {self.filter_mix}")
+        if self.init not in ("normal", "xavier"):
+            raise ValueError(f"init must be 'normal' or 'xavier', got {self.init!r}")
         if self.num_threads < 0 or self.min_epochs < 0:
             raise ValueError("num_threads and min_epochs must be >= 0")
 
@@ -237,6 +250,23 @@ class FullSoftmaxCE(torch.autograd.Function):
         return grad_logits @ w, grad_logits.T @ h, None, None  # (N, H), (V, H)
 
 
+def sampled_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                       negatives: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each target against its sequence's sampled negatives.
+
+    h: (B, L, H) hidden states; table: (n_items + 1, H) item rows (row 0 = padding); targets: (B, L)
+    shifted ids, 0 = no target; negatives: (B, K) shifted ids in 1..n_items, shared by a row's
+    positions. A negative equal to the position's target (an accidental hit) is left out of that
+    position's softmax. Returns a scalar: mean over target positions of -log softmax([pos, negs])[0].
+    """
+    keep = targets != 0  # (B, L)
+    pos = (h * table[targets]).sum(-1)  # (B, L)
+    neg = torch.einsum("blh,bkh->blk", h, table[negatives])  # (B, L, K)
+    neg = neg.masked_fill(negatives[:, None, :] == targets[:, :, None], float("-inf"))
+    logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)[keep]  # (N, 1 + K)
+    return (torch.logsumexp(logits, dim=-1) - logits[:, 0]).mean()
+
+
 class SASRecNet(nn.Module):
     """The Transformer. Tokens are shifted item ids: 0 = padding, 1..n_items = items 0..n_items-1."""
 
@@ -249,6 +279,12 @@ class SASRecNet(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size)
         self.apply(self._init_weights)
+        if cfg.init == "xavier":  # every weight matrix (embeddings included) ~ Xavier normal; padding row stays 0
+            for p in self.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_normal_(p)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -278,7 +314,8 @@ class SASRecNet(nn.Module):
         cfg = self.cfg
         table = self.item_table() if table is None else table  # (n_items + 1, H)
         pos = torch.arange(cfg.max_len - L, cfg.max_len, device=tokens.device)  # (L,)
-        x = F.embedding(tokens, table, padding_idx=0) * math.sqrt(cfg.hidden_size) + self.pos_emb(pos)  # (B, L, H)
+        scale = math.sqrt(cfg.hidden_size) if cfg.emb_scale else 1.0
+        x = F.embedding(tokens, table, padding_idx=0) * scale + self.pos_emb(pos)  # (B, L, H)
         nonpad = tokens != 0  # (B, L)
         x = self.drop(x) * nonpad.unsqueeze(-1)  # (B, L, H)
         causal = torch.ones(L, L, dtype=torch.bool, device=tokens.device).tril()  # (L, L)
@@ -292,12 +329,17 @@ class SASRecNet(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """tokens: (B, L) shifted ids; targets: (B, L) shifted next-item ids, 0 = no target.
 
-        Returns the mean full-softmax cross-entropy over the positions that have a target (the
-        (N, n_items) logits are only a scratch buffer inside :class:`FullSoftmaxCE`). Scores for
+        Returns the mean cross-entropy over the positions that have a target: full softmax (the
+        (N, n_items) logits are only a scratch buffer inside :class:`FullSoftmaxCE`) or sampled
+        (:func:`sampled_softmax_ce`, ``n_negatives`` uniform draws per row). Scores for
         ranking come from :meth:`SASRec.score` (last hidden state @ item rows).
         """
         table = self.item_table()  # (n_items + 1, H)
         h = self.hidden(tokens, table)  # (B, L, H)
+        if self.cfg.loss == "sampled_softmax":  # negatives from torch's generator (seeded by the loop)
+            n_items = table.shape[0] - 1
+            negatives = torch.randint(1, n_items + 1, (tokens.shape[0], self.cfg.n_negatives), device=tokens.device)
+            return sampled_softmax_ce(h, table, targets, negatives)
         keep = targets != 0  # (B, L)
         eps = self.cfg.label_smoothing if self.training else 0.0
         return FullSoftmaxCE.apply(h[keep], table[1:], targets[keep] - 1, eps)  # h[keep]: (N, H)
@@ -307,7 +349,7 @@ class SASRecNet(nn.Module):
 
 
 class SASRec(Recommender):
-    """SASRec with full-softmax cross-entropy training and validation early stopping."""
+    """SASRec with (full or sampled) softmax cross-entropy training and validation early stopping."""
 
     name = "sasrec"
     Config = SASRecConfig
@@ -415,7 +457,7 @@ RESUME_FREE = frozenset({"max_minutes", "num_threads", "device", "eval_batch_siz
 
 class _SASRecTask(TrainTask):
     """SASRec's training for the shared loop: length-bucketed batches of the training rows drawn
-    from one seeded numpy stream, full-softmax loss, validation NDCG@10 on all validation users."""
+    from one seeded numpy stream, full or sampled softmax loss, validation NDCG@10 on all validation users."""
 
     name = "sasrec"
 
