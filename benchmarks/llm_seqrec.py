@@ -89,6 +89,17 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     # embeddings by sqrt(d) nor keeps GPT-2's N(0, 0.02) init: it draws every matrix Xavier-normal
     "sasrec-ss-rt": ("sasrec", {**BUDGET, **SASREC_SS, "emb_scale": False, "init": "xavier"},
                      "SASRec+SS, RecTools' embedding scale and init"),
+    # (stopped by hand at epoch 11: validation 0.0108 -> 0.0439 at epoch 9, then falling; no test row)
+    # the whole RecTools layout: its block too (residuals from the normalized inputs, keys / values un-normalized)
+    "sasrec-ss-rtb": ("sasrec", {**BUDGET, **SASREC_SS, "emb_scale": False, "init": "xavier", "block": "sasrec"},
+                      "SASRec+SS, RecTools' block, embedding scale and init"),
+    # the block of SASRec's paper code in the filter recipe (full softmax)
+    "sasrec-filter-blk": ("sasrec", {**FILTER, "block": "sasrec"}, "SASRec + low-pass filter, SASRec's own block layout"),
+    # it raised validation NDCG@10 (0.0659 vs 0.0644, best epoch 17 of 20): a longer schedule, and RecTools' init
+    "sasrec-filter-blk-e30": ("sasrec", {**FILTER, "block": "sasrec", "max_epochs": 30},
+                              "SASRec + low-pass filter, SASRec's block layout, 30-epoch cosine"),
+    "sasrec-filter-blk-rt": ("sasrec", {**FILTER, "block": "sasrec", "emb_scale": False, "init": "xavier"},
+                             "SASRec + low-pass filter, SASRec's block layout, RecTools' embedding scale and init"),
     "sasrec-filter-ss": ("sasrec", {**FILTER, "loss": "sampled_softmax", "n_negatives": 256},
                          "SASRec + low-pass filter, sampled softmax (256 negatives)"),
     "fused-ss": ("llm-seqrec", {**BUDGET, **SASREC_SS}, "llm-seqrec fused, trained as SASRec+SS"),
@@ -150,7 +161,9 @@ ABLATION_OF = {"fused-filter": "fused", "fused-filter+itemknn": "fused+itemknn-f
                "sasrec-filter-lr1e-3": "sasrec-filter", "sasrec-filter-ls": "sasrec-filter",
                "sasrec-filter-wd-ls": "sasrec-filter-wd", "sasrec-filter-h256": "sasrec-filter",
                "sasrec-filter-e40": "sasrec-filter", "sasrec-filter-do3": "sasrec-filter", "sasrec-ss": "sasrec-tuned",
-               "fused-ss": "sasrec-ss", "sasrec-ss-do5": "sasrec-ss", "sasrec-ss-rt": "sasrec-ss", "sasrec-filter-ss": "sasrec-filter",
+               "fused-ss": "sasrec-ss", "sasrec-ss-do5": "sasrec-ss", "sasrec-ss-rt": "sasrec-ss",
+               "sasrec-ss-rtb": "sasrec-ss", "sasrec-filter-blk": "sasrec-filter",
+               "sasrec-filter-blk-e30": "sasrec-filter-blk", "sasrec-filter-blk-rt": "sasrec-filter-blk", "sasrec-filter-ss": "sasrec-filter",
                "fused-title": "fused", "fused-desc": "fused", "fused-smollm2": "fused", "text": "fused"}
 DETERMINISTIC = ("itemknn", "popularity")
 

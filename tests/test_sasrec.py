@@ -235,3 +235,32 @@ def test_xavier_init_and_unscaled_embeddings() -> None:
         assert not torch.allclose(scaled.hidden(tokens), unscaled.hidden(tokens))
     with pytest.raises(ValueError, match="init must be"):
         tiny_config(init="kaiming")
+
+
+def test_sasrec_block_layout() -> None:
+    """block="sasrec": q = ln(x); x = q + attn(q, kv=x); f = ln(x); out = f + ffn(f) (checked by hand)."""
+    from llmrec.models.sasrec import Block
+
+    torch.manual_seed(0)
+    cfg = tiny_config(block="sasrec", dropout=0.0)
+    blk = Block(cfg).eval()
+    x = torch.randn(2, 5, cfg.hidden_size)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(2, 1, 5, 5)
+    nonpad = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        q = blk.ln_1(x)
+        H = cfg.hidden_size
+        w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+        qq = (q @ w[:H].T + b[:H]).view(2, 5, cfg.n_heads, -1).transpose(1, 2)
+        kk = (x @ w[H : 2 * H].T + b[H : 2 * H]).view(2, 5, cfg.n_heads, -1).transpose(1, 2)
+        vv = (x @ w[2 * H :].T + b[2 * H :]).view(2, 5, cfg.n_heads, -1).transpose(1, 2)
+        att = torch.softmax(qq @ kk.transpose(-1, -2) / (H // cfg.n_heads) ** 0.5 + torch.where(mask, 0.0, -torch.inf),
+                            dim=-1)
+        y = blk.attn.proj((att @ vv).transpose(1, 2).reshape(2, 5, H))
+        f = blk.ln_2(q + y)
+        torch.testing.assert_close(blk(x, mask, nonpad), f + blk.ffn(f))
+        pre_ln = Block(tiny_config(dropout=0.0)).eval()
+        pre_ln.load_state_dict(blk.state_dict())  # same weights, the default layout
+        assert not torch.allclose(blk(x, mask, nonpad), pre_ln(x, mask, nonpad))
+    with pytest.raises(ValueError, match="block must be"):
+        tiny_config(block="post_ln")

@@ -70,6 +70,7 @@ class SASRecConfig:
     filter_mix: float = 0.0
     filter_window: int = 5  # the filter averages the newest filter_window items up to each position
     emb_scale: bool = True  # multiply input item embeddings by sqrt(hidden_size) (SASRec's paper; RecTools: no)
+    block: Literal["pre_ln", "sasrec"] = "pre_ln"  # residual layout (see Block)
     init: Literal["normal", "xavier"] = "normal"  # N(0, 0.02) weights (GPT-2), or Xavier-normal matrices (RecTools)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,8 @@ class SASRecConfig:
             raise ValueError("label_smoothing applies to loss='softmax' only")
         if not 0.0 <= self.filter_mix <= 1.0:
             raise ValueError(f"filter_mix must be in [0, 1], got {self.filter_mix}")
+        if self.block not in ("pre_ln", "sasrec"):
+            raise ValueError(f"block must be 'pre_ln' or 'sasrec', got {self.block!r}")
         if self.init not in ("normal", "xavier"):
             raise ValueError(f"init must be 'normal' or 'xavier', got {self.init!r}")
         if self.num_threads < 0 or self.min_epochs < 0:
@@ -125,10 +128,15 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, H); attn_mask: (B, 1, L, L) bool, True = may attend. Returns (B, L, H)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, H) queries (and keys / values unless ``kv`` (B, L, H) is given); attn_mask: (B, 1, L, L)
+        bool, True = may attend. Returns (B, L, H)."""
         B, L, H = x.shape
-        q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, L, H)
+        if kv is None:
+            q, k, v = self.qkv(x).split(H, dim=2)  # 3 x (B, L, H)
+        else:
+            q = F.linear(x, self.qkv.weight[:H], self.qkv.bias[:H])  # (B, L, H)
+            k, v = F.linear(kv, self.qkv.weight[H:], self.qkv.bias[H:]).split(H, dim=2)  # 2 x (B, L, H)
         q = q.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2)  # (B, nh, L, hs)
         k = k.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2)  # (B, nh, L, hs)
         v = v.view(B, L, self.n_heads, H // self.n_heads).transpose(1, 2)  # (B, nh, L, hs)
@@ -185,9 +193,12 @@ class LowPassFilter(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN Transformer block: x + attn(ln(x)), then x + ffn(ln(x)).
+    """Pre-LN Transformer block: x + attn(ln(x)), then x + ffn(ln(x)); or with ``block = "sasrec"`` the
+    block of SASRec's paper code (and RecTools): q = ln(x), x = q + attn(queries q, keys / values x),
+    then f = ln(x), x = f + ffn(f), so every sub-layer's residual is the normalized input.
 
-    With ``filter_mix`` = a > 0 the first sub-layer is ``a * filter(ln(x)) + (1 - a) * attn(ln(x))``.
+    With ``filter_mix`` = a > 0 the attention term becomes ``a * filter(h) + (1 - a) * attn(h)``, h the
+    normalized input.
     """
 
     def __init__(self, cfg: SASRecConfig) -> None:
@@ -198,17 +209,22 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.mix = cfg.filter_mix
         self.filter = LowPassFilter(cfg) if cfg.filter_mix > 0 else None
+        self.sasrec = cfg.block == "sasrec"
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, nonpad: torch.Tensor) -> torch.Tensor:
         """x: (B, L, H); attn_mask: (B, 1, L, L) bool; nonpad: (B, L) bool. Returns (B, L, H)."""
         h = self.ln_1(x)  # (B, L, H)
+        kv = x if self.sasrec else None
         if self.filter is None:
-            x = x + self.attn(h, attn_mask)  # (B, L, H)
+            mixed = self.attn(h, attn_mask, kv)  # (B, L, H)
         else:
             h = h * nonpad.unsqueeze(-1)  # the filter averages real items only
-            x = x + (1.0 - self.mix) * self.attn(h, attn_mask) + self.mix * self.filter(h, nonpad)
-        x = x + self.ffn(self.ln_2(x))  # (B, L, H)
-        return x
+            mixed = (1.0 - self.mix) * self.attn(h, attn_mask, kv) + self.mix * self.filter(h, nonpad)
+        if self.sasrec:
+            f = self.ln_2(h + mixed)  # (B, L, H)
+            return f + self.ffn(f)
+        x = x + mixed
+        return x + self.ffn(self.ln_2(x))  # (B, L, H)
 
 
 class FullSoftmaxCE(torch.autograd.Function):
