@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -100,16 +100,15 @@ class SASRecConfig:
             raise ValueError("max_minutes must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.loss not in ("softmax", "sampled_softmax"):
-            raise ValueError(f"loss must be 'softmax' or 'sampled_softmax', got {self.loss!r}")
+        hints = get_type_hints(type(self))
+        for name in ("loss", "block", "init"):  # direct construction; config files are checked by from_dict too
+            choices = get_args(hints[name])
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.loss == "sampled_softmax" and self.label_smoothing > 0.0:
             raise ValueError("label_smoothing applies to loss='softmax' only")
         if not 0.0 <= self.filter_mix <= 1.0:
             raise ValueError(f"filter_mix must be in [0, 1], got {self.filter_mix}")
-        if self.block not in ("pre_ln", "sasrec"):
-            raise ValueError(f"block must be 'pre_ln' or 'sasrec', got {self.block!r}")
-        if self.init not in ("normal", "xavier"):
-            raise ValueError(f"init must be 'normal' or 'xavier', got {self.init!r}")
         if self.num_threads < 0 or self.min_epochs < 0:
             raise ValueError("num_threads and min_epochs must be >= 0")
 
