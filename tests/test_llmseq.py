@@ -104,7 +104,7 @@ def test_id_only_is_sasrec_with_the_same_seed(make_cycle_split) -> None:
     np.testing.assert_allclose(ids.score(hist), sas.score(hist), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("repr_", ["fused", "text"])
+@pytest.mark.parametrize("repr_", ["fused", "text", "dual"])
 def test_text_rows_train_save_and_load(make_cycle_split, tmp_path: Path, repr_: str) -> None:
     split = make_cycle_split()
     model = build_model("llm-seqrec", {**TINY, "item_repr": repr_, "adapter": "mlp"}, N_ITEMS)
@@ -113,7 +113,7 @@ def test_text_rows_train_save_and_load(make_cycle_split, tmp_path: Path, repr_: 
     net = model.net
     assert hasattr(net, "text") and net.text.shape[0] == N_ITEMS + 1
     assert torch.all(net.text[0] == 0) and torch.all(net.item_table()[0] == 0)  # padding row
-    assert hasattr(net, "item_emb") == (repr_ == "fused")  # text-only has no id embedding at all
+    assert hasattr(net, "item_emb") == (repr_ != "text")  # text-only has no id embedding at all
     assert not net.text.requires_grad  # the language model's vectors are frozen
     model.save(tmp_path / "m")
     again = LLMSeqRec.load(tmp_path / "m")
@@ -122,6 +122,65 @@ def test_text_rows_train_save_and_load(make_cycle_split, tmp_path: Path, repr_: 
     ids, _ = again.recommend(hist, k=5)
     for row, h in zip(ids, hist, strict=True):
         assert not set(row.tolist()) & set(np.asarray(h).tolist())
+
+
+def test_dual_view_logits_are_the_sum_of_the_two_views(make_cycle_split) -> None:
+    """item_repr="dual": one shared encoder read through the text rows and through the id rows; the
+    logit of item j is h_text . text_row[j] + h_id . id_row[j], and the states are 2H wide."""
+    split = make_cycle_split()
+    model = LLMSeqRec(tiny(item_repr="dual", max_epochs=1), N_ITEMS)
+    model.fit(split, progress=False)
+    net, H = model.net, TINY["hidden_size"]
+    hist = split.test.histories[:4]
+    with torch.no_grad():
+        text_rows = net.adapter(net.text)
+        text_rows[0] = 0
+        id_rows = net.item_emb.weight
+        expect = []
+        for h in hist:
+            tok = torch.as_tensor(np.asarray(h[-TINY["max_len"]:]) + 1)[None]  # (1, L) shifted ids
+            h_t = SASRecNet.hidden(net, tok, text_rows)[0, -1]
+            h_i = SASRecNet.hidden(net, tok, id_rows)[0, -1]
+            expect.append((h_t @ text_rows[1:].T + h_i @ id_rows[1:].T).numpy())
+    np.testing.assert_allclose(model.score(hist), np.stack(expect), rtol=1e-4, atol=1e-5)
+    assert model.state_size == 2 * H and model.user_states(hist).shape == (4, 2 * H)
+    assert model.item_vectors().shape == (N_ITEMS, 2 * H)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(20, 60), st.integers(3, 12), st.integers(2, 16), st.integers(0, 2**31 - 1))
+def test_text_init_rows_are_uncorrelated_principal_axes_with_the_given_spread(n: int, d: int, width: int,
+                                                                             seed: int) -> None:
+    from llmrec.models.llmseq import text_init_rows
+
+    x = torch.from_numpy(np.random.default_rng(seed).normal(size=(n, d)) * np.linspace(3, 0.5, d))
+    rows = text_init_rows(x.float(), width, std=0.02)
+    k = min(width, d)
+    assert rows.shape == (n, width) and torch.all(rows[:, k:] == 0)
+    z = rows[:, :k].double()
+    torch.testing.assert_close(z.std(dim=0), torch.full((k,), 0.02, dtype=torch.float64), rtol=1e-3, atol=1e-6)
+    cov = (z - z.mean(0)).T @ (z - z.mean(0))
+    off = cov - torch.diag(torch.diag(cov))
+    assert off.abs().max() < 1e-6 * float(torch.diag(cov).max()) * n + 1e-9  # principal axes: uncorrelated
+
+
+def test_id_rows_can_start_from_the_text(make_cycle_split) -> None:
+    from llmrec.models.llmseq import text_init_rows
+
+    split = make_cycle_split()
+    model = LLMSeqRec(tiny(item_repr="id", id_init="text"), N_ITEMS)
+    text = model.text_vectors(split.catalog)
+    model._build(text)
+    torch.testing.assert_close(model.net.item_emb.weight[1:].detach(),
+                               text_init_rows(torch.from_numpy(text), TINY["hidden_size"]))
+    assert torch.all(model.net.item_emb.weight[0] == 0)
+    plain = LLMSeqRec(tiny(item_repr="id"), N_ITEMS)
+    assert not torch.allclose(plain.net.item_emb.weight[1:], model.net.item_emb.weight[1:])
+    model.fit(split, progress=False)  # fit embeds the text although the rows are ids
+    with pytest.raises(ValueError, match="id_init='text' needs id rows"):
+        tiny(item_repr="text", id_init="text")
+    with pytest.raises(ConfigError, match="id_init"):
+        from_dict(LLMSeqRecConfig, {**TINY, "id_init": "pca"})
 
 
 def test_items_with_the_same_text_start_with_the_same_rows() -> None:
@@ -138,7 +197,7 @@ def test_items_with_the_same_text_start_with_the_same_rows() -> None:
 
 def test_text_modes_need_a_catalog(make_cycle_split) -> None:
     split = dataclasses.replace(make_cycle_split(), catalog=None)
-    with pytest.raises(ValueError, match="item_repr='fused' needs item text"):
+    with pytest.raises(ValueError, match="item_repr='fused', id_init='normal' needs item text"):
         LLMSeqRec(tiny(), N_ITEMS).fit(split, progress=False)
     LLMSeqRec(tiny(item_repr="id", max_epochs=1), N_ITEMS).fit(split, progress=False)  # ids need no text
 

@@ -219,7 +219,7 @@ def prefix_states(model: SASRec, sequences: Sequence[np.ndarray], last: int | Se
         m = max(0, min(c, len(a)))
         prefixes.extend(a[: len(a) - m + j + 1] for j in range(m))
         sizes.append(m)
-    d = model.config.hidden_size
+    d = model.state_size
     flat = model.user_states(prefixes) if prefixes else np.zeros((0, d), np.float32)
     out, start = [], 0
     for m in sizes:

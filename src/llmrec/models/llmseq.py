@@ -11,7 +11,12 @@ to the encoder's width, and the item row of item ``j`` is
     fused:  id_emb[j] + adapter(text[j])     text:  adapter(text[j])     id:  id_emb[j]
 
 used both as the encoder's input embedding and as the output layer (tied, as in SASRec), so an item
-bought too rarely for its id embedding to learn anything still gets a row from its text. The
+bought too rarely for its id embedding to learn anything still gets a row from its text.
+``item_repr="dual"`` keeps the two views apart (LLM-ESR's dual-view modelling): the encoder reads the
+sequence twice, once through the text rows and once through the id rows, and a history's logit for
+item ``j`` is ``h_text . adapter(text[j]) + h_id . id_emb[j]`` (the two states concatenated, width
+``2 * hidden_size``). ``id_init="text"`` starts the id rows from the text's first principal axes
+(LLM-ESR / LLMInit), so ids begin where the text puts them and training moves them from there. The
 encoder is :class:`llmrec.models.sasrec.SASRecNet` with all of its options (the causal low-pass
 filter beside attention included), trained by the same task on the shared loop.
 
@@ -42,7 +47,8 @@ TEXT_FIELDS = ("title", "brand", "categories", "description")
 class LLMSeqRecConfig(SASRecConfig):
     """SASRec's options plus where the item rows come from (defaults chosen on Beauty validation)."""
 
-    item_repr: Literal["fused", "text", "id"] = "fused"
+    item_repr: Literal["fused", "text", "id", "dual"] = "fused"
+    id_init: Literal["normal", "text"] = "normal"  # id rows ~ N(0, 0.02), or the text's principal axes
     text_model: str = "all-MiniLM-L6-v2"  # sentence-transformers id/folder, "lm:<backbone>", or "hash"
     text_fields: list[str] = field(default_factory=lambda: ["title", "brand", "categories"])
     description_chars: int = 200  # characters of the description, when "description" is a field
@@ -56,6 +62,13 @@ class LLMSeqRecConfig(SASRecConfig):
             raise ValueError(f"text_fields must be a non-empty subset of {list(TEXT_FIELDS)}, got {self.text_fields}")
         if self.description_chars < 0:
             raise ValueError("description_chars must be >= 0")
+        if self.id_init == "text" and self.item_repr == "text":
+            raise ValueError("id_init='text' needs id rows; item_repr='text' has none")
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether fitting embeds the item texts (for text rows or for the id rows' start)."""
+        return self.item_repr != "id" or self.id_init == "text"
 
 
 def item_text(catalog: Catalog, item: int, fields: Sequence[str], description_chars: int = 200) -> str:
@@ -89,17 +102,35 @@ def normalise_text_vectors(x: np.ndarray, how: str) -> np.ndarray:
     return (x @ vecs * scale).astype(np.float32)
 
 
-class TextItemNet(SASRecNet):
-    """SASRecNet whose item rows are ``id_emb + adapter(text)`` (or one of the two).
+def text_init_rows(text: torch.Tensor, width: int, std: float = 0.02) -> torch.Tensor:
+    """(n_items, D) whitened text vectors -> (n_items, width) id rows with spread ``std``: the first
+    ``width`` principal axes of the text (zero columns when D < width), each scaled to std ``std``."""
+    x = text.double() - text.double().mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)  # rows of v: principal axes, largest first
+    z = x @ v[:width].T  # (n_items, min(width, D))
+    z = z / z.std(dim=0, keepdim=True).clamp_min(1e-12) * std
+    return torch.cat([z, z.new_zeros(len(z), width - z.shape[1])], dim=1).float()
 
-    ``text``: (n_items, D) frozen vectors of dataset items, or None for ``item_repr="id"``.
+
+class TextItemNet(SASRecNet):
+    """SASRecNet whose item rows are ``id_emb + adapter(text)`` (or one of the two, or both side by side).
+
+    ``text``: (n_items, D) frozen vectors of dataset items, or None for ``item_repr="id"`` with
+    ``id_init="normal"``.
     """
 
     def __init__(self, cfg: LLMSeqRecConfig, n_items: int, text: torch.Tensor | None) -> None:
         super().__init__(cfg, n_items)
         self.repr = cfg.item_repr
+        if self.repr == "dual":
+            self.out_width = 2 * cfg.hidden_size
         if self.repr == "text":
             del self.item_emb  # no id embedding at all: every row comes from the text
+        elif cfg.id_init == "text":
+            if text is None:
+                raise ValueError("id_init='text' needs item text vectors")
+            with torch.no_grad():
+                self.item_emb.weight[1:] = text_init_rows(text, cfg.hidden_size)
         if self.repr != "id":
             if text is None:
                 raise ValueError(f"item_repr={self.repr!r} needs item text vectors")
@@ -112,12 +143,23 @@ class TextItemNet(SASRecNet):
             self.adapter.apply(self._init_weights)
 
     def item_table(self) -> torch.Tensor:
-        """(n_items + 1, H) item rows, row 0 (padding) all zero."""
+        """(n_items + 1, out_width) item rows, row 0 (padding) all zero; "dual": [text rows, id rows]."""
         if self.repr == "id":
             return self.item_emb.weight
         rows = self.adapter(self.text)  # (n_items + 1, H)
         rows = torch.cat([rows.new_zeros(1, rows.shape[1]), rows[1:]])  # padding row stays 0
+        if self.repr == "dual":
+            return torch.cat([rows, self.item_emb.weight], dim=1)  # (n_items + 1, 2H)
         return rows if self.repr == "text" else rows + self.item_emb.weight
+
+    def hidden(self, tokens: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) tokens -> (B, L, out_width); "dual" runs the shared encoder once per view and
+        concatenates [text-view states, id-view states]."""
+        if self.repr != "dual":
+            return super().hidden(tokens, table)
+        table = self.item_table() if table is None else table  # (n_items + 1, 2H)
+        H = self.cfg.hidden_size
+        return torch.cat([super().hidden(tokens, table[:, :H]), super().hidden(tokens, table[:, H:])], dim=-1)
 
 
 class LLMSeqRec(SASRec):
@@ -133,7 +175,7 @@ class LLMSeqRec(SASRec):
         self.text_seconds = 0.0
 
     def _new_net(self) -> SASRecNet:
-        if self.config.item_repr != "id" and self._text is None:
+        if self.config.needs_text and self._text is None:
             return super()._new_net()  # a placeholder until fit / load knows the text vectors
         return TextItemNet(self.config, self.n_items, self._text)
 
@@ -147,8 +189,8 @@ class LLMSeqRec(SASRec):
 
         c = self.config
         if catalog is None:
-            raise ValueError(f"llm-seqrec with item_repr={c.item_repr!r} needs item text, and this split has no "
-                             "catalog; use item_repr='id' for id-only data")
+            raise ValueError(f"llm-seqrec with item_repr={c.item_repr!r}, id_init={c.id_init!r} needs item text, and "
+                             "this split has no catalog; use item_repr='id', id_init='normal' for id-only data")
         if len(catalog) != self.n_items:
             raise ValueError(f"catalog has {len(catalog)} items, the model was built for {self.n_items}")
         texts = [item_text(catalog, i, c.text_fields, c.description_chars) for i in range(self.n_items)]
@@ -159,10 +201,10 @@ class LLMSeqRec(SASRec):
         return normalise_text_vectors(vecs, c.text_norm)
 
     def fit(self, split: Split, progress: bool = True, workdir: str | Path | None = None) -> dict[str, Any]:
-        """Embed the item texts (unless ``item_repr="id"``), then train exactly as SASRec does."""
+        """Embed the item texts (when ``config.needs_text``), then train exactly as SASRec does."""
         if split.n_items != self.n_items:
             raise ValueError(f"split has {split.n_items} items but the model was built for {self.n_items}")
-        if self.config.item_repr != "id":
+        if self.config.needs_text:
             self._build(self.text_vectors(split.catalog, progress))
         out = super().fit(split, progress=progress, workdir=workdir)
         out["text_seconds"] = self.text_seconds

@@ -293,6 +293,7 @@ class SASRecNet(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden_size)
+        self.out_width = cfg.hidden_size  # width of item rows and final states (subclasses may widen it)
         self.apply(self._init_weights)
         if cfg.init == "xavier":  # every weight matrix (embeddings included) ~ Xavier normal; padding row stays 0
             for p in self.parameters():
@@ -430,9 +431,14 @@ class SASRec(Recommender):
             out_emb = self.net.item_table()[1:]  # (n_items, H)
         return self._last_hidden(histories, lambda h: h @ out_emb.T, self.n_items)
 
+    @property
+    def state_size(self) -> int:
+        """Width of :meth:`user_states` and :meth:`item_vectors` (``hidden_size`` unless the net widens it)."""
+        return int(self.net.out_width)
+
     def user_states(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """(n, hidden_size) float32 final hidden state of each history (its logits are this @ item_vectors().T)."""
-        return self._last_hidden(histories, lambda h: h, self.config.hidden_size)
+        """(n, state_size) float32 final hidden state of each history (its logits are this @ item_vectors().T)."""
+        return self._last_hidden(histories, lambda h: h, self.state_size)
 
     def _last_hidden(self, histories: Sequence[np.ndarray], head: Any, width: int) -> np.ndarray:
         """``head`` applied to the (b, H) last-position hidden states of batches of histories: (n, width)."""
@@ -451,7 +457,7 @@ class SASRec(Recommender):
         return out
 
     def item_vectors(self) -> np.ndarray:
-        """(n_items, hidden_size) float32 item embeddings (input and output rows are tied), row ``j``
+        """(n_items, state_size) float32 item embeddings (input and output rows are tied), row ``j``
         = dataset item ``j``; the collaborative item vectors other models can start from."""
         with torch.no_grad():
             return self.net.item_table()[1:].detach().float().cpu().numpy().copy()

@@ -75,7 +75,7 @@ class ExampleBuilder:
         net = self._require_net()
         if self.collab_model is None:
             raise RuntimeError("itemtoken-lm: collab_state needs its SASRec (fit or load the model)")
-        d = self.collab_model.config.hidden_size
+        d = self.collab_model.state_size
         out = [np.zeros((len(x), d), dtype=np.float32) for x in ids]
         scale = np.float32(self.state_scale)
         if self.config.collab_state == "token":

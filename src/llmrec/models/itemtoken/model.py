@@ -378,7 +378,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         if cfg.collab_state != "none" or cfg.uses_prior:
             self.collab_model, self._collab_rows = sasrec, None
             self.state_scale = state_scale(sasrec, split.train)
-        return collab, info, sasrec.config.hidden_size if cfg.collab_state != "none" else 0
+        return collab, info, sasrec.state_size if cfg.collab_state != "none" else 0
 
     # --- inference ----------------------------------------------------------------------
     def prompt_ids(self, history: np.ndarray, user: int | None = None) -> np.ndarray:
@@ -489,7 +489,7 @@ class ItemTokenLM(ExampleBuilder, Recommender):
         self._collab_rows = None
         unpack_companion(self, tensors, extra, reads_states=self.config.collab_state != "none")
         if self.config.collab_state != "none":
-            state_dim = self.collab_model.config.hidden_size
+            state_dim = self.collab_model.state_size
         tensors = {k: v for k, v in tensors.items() if not k.startswith("collab.")}
         with num_threads(self.config.num_threads):
             self._build(extra["titles"], init_rows=False, n_users=int(extra.get("n_users", 0)), state_dim=state_dim)

@@ -151,7 +151,7 @@ class SemanticIDRec(Recommender):
                          dec_layers=c.dec_layers, ff_size=c.ff_size, dropout=c.dropout, max_len=c.max_len,
                          interest_dim=interest_dim if c.use_interests else 0,
                          n_items=self.n_items if c.item_embeddings else 0,
-                         state_dim=self.collab_model.config.hidden_size if c.collab_states else 0)
+                         state_dim=self.collab_model.state_size if c.collab_states else 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             self.net = SemIDSeq2Seq(ncfg).to(self.device)
@@ -181,7 +181,7 @@ class SemanticIDRec(Recommender):
             return None
         if self.collab_model is None:
             raise RuntimeError("semantic-id: collab_states needs its SASRec (fit or load the model)")
-        out = np.zeros((len(sequences), width, self.collab_model.config.hidden_size), dtype=np.float32)
+        out = np.zeros((len(sequences), width, self.collab_model.state_size), dtype=np.float32)
         for i, st in enumerate(prefix_states(self.collab_model, sequences, width)):
             if len(st):
                 out[i, width - len(st):] = st * self.state_scale
