@@ -166,6 +166,14 @@ RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
                                                        {"run": "fused-filter-e40+itemknn", "member": 0},
                                                        {"name": "itemknn"}]},
                                "mixture: the 20- and 40-epoch filter encoders + ItemKNN (finer grid)"),
+    # stop 22: the MLP-adapter encoder (``fused-filter7-blk-mlp``, its run of the same seed) with ItemKNN, weights
+    # on the default grid; no new training. Reported as the best Beauty model only if its validation NDCG@10 beats
+    # ``filter-e20+e40+itemknn``'s (0.0771)
+    "mlp+itemknn": ("mixture", {"members": [{"run": "fused-filter7-blk-mlp"}, {"name": "itemknn"}]},
+                    "mixture: llm-seqrec, filter at 0.7, SASRec's block, MLP adapter, + ItemKNN (finer grid)"),
+    # the same mixture built on the SASRec with the same two encoder options (the pair for ``mlp+itemknn``)
+    "sasrec-filter7-blk+itemknn": ("mixture", {"members": [{"run": "sasrec-filter7-blk"}, {"name": "itemknn"}]},
+                                   "mixture: SASRec + filter at 0.7, SASRec's block, + ItemKNN (finer grid)"),
     # a mixture of two trained mixtures above (members given as recipes: that recipe's run of the same seed)
     "fused+sasrec+itemknn": ("mixture", {"members": [{"run": "fused+itemknn"}, {"run": "sasrec-tuned+itemknn"}]},
                              "mixture of the two mixtures above (no new training)"),
@@ -187,8 +195,12 @@ ABLATION_OF = {"fused-filter": "fused", "fused-filter+itemknn": "fused+itemknn-f
                "sasrec-filter-blk-e30": "sasrec-filter-blk", "sasrec-blk": "sasrec-tuned",
                "sasrec-filter5-blk": "sasrec-filter-blk", "sasrec-filter7-blk": "sasrec-filter5-blk",
                "fused-filter7-blk": "sasrec-filter7-blk", "fused-filter7-blk-mlp": "fused-filter7-blk",
-               "fused-filter7-blk-dual": "fused-filter7-blk", "sasrec-filter-blk-b128": "sasrec-filter-blk", "sasrec-filter-blk-rt": "sasrec-filter-blk", "sasrec-filter-ss": "sasrec-filter",
+               "fused-filter7-blk-dual": "fused-filter7-blk", "mlp+itemknn": "filter-e20+e40+itemknn",
+               "sasrec-filter-blk-b128": "sasrec-filter-blk", "sasrec-filter-blk-rt": "sasrec-filter-blk", "sasrec-filter-ss": "sasrec-filter",
                "fused-title": "fused", "fused-desc": "fused", "fused-smollm2": "fused", "text": "fused"}
+# an llm-seqrec recipe is also paired with the SASRec recipe that shares its encoder options (issue 17's baseline)
+SAME_ENCODER = {"fused-filter7-blk-mlp": "sasrec-filter7-blk", "fused-filter7-blk-dual": "sasrec-filter7-blk",
+                "mlp+itemknn": "sasrec-filter7-blk+itemknn"}
 DETERMINISTIC = ("itemknn", "popularity")
 
 
@@ -404,7 +416,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                       + f" | {ep} | {_wall_min(rs)} ({_cpu_min(rs)}{_with_members_cpu(g, ds, rc, rs)})"
                       + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         md += [""]
-        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values(), *ABLATION_OF.values()) if (ds, rc) in g}
+        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values(), *ABLATION_OF.values(), *SAME_ENCODER.values())
+                if (ds, rc) in g}
         if base:
             best = max((rc for rc in base if rc in BASELINES),
                        key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
@@ -413,7 +426,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                 if rc in BASELINES:
                     continue
                 refs = (["sasrec-tuned", best] + [ref for end, ref in PAIRED_MIXTURE.items() if rc.endswith(end)]
-                        + ([ABLATION_OF[rc]] if rc in ABLATION_OF else []))
+                        + ([ABLATION_OF[rc]] if rc in ABLATION_OF else [])
+                        + ([SAME_ENCODER[rc]] if rc in SAME_ENCODER else []))
                 for ref in dict.fromkeys(r for r in refs if r != rc):
                     if ref not in base:
                         continue
@@ -437,6 +451,13 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(md)
 
 
+# the bars of the popularity-bucket plot: id-only vs text-read item rows, on the tuned encoder and on the
+# strongest one (low-pass filter at 0.7 and SASRec's block)
+BUCKET_BARS = [("sasrec-tuned", "id only"), ("text", "text only"), ("fused", "id + text"),
+               ("sasrec-filter7-blk", "id only, filter + block"),
+               ("fused-filter7-blk-mlp", "id + text (MLP adapter), filter + block")]
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Per-popularity-bucket NDCG@10, id-only (tuned SASRec) vs text-fused, one panel per dataset."""
     import matplotlib
@@ -450,12 +471,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.4), squeeze=False)
     for ax, ds in zip(axes[0], sets, strict=True):
-        for i, (rc, label) in enumerate([("sasrec-tuned", "id only"), ("text", "text only"), ("fused", "id + text")]):
-            if (ds, rc) not in g:
-                continue
+        bars = [(j, rc, label) for j, (rc, label) in enumerate(BUCKET_BARS) if (ds, rc) in g]
+        width = 0.8 / len(bars)
+        for i, (j, rc, label) in enumerate(bars):  # j: the bar's colour, the same in every panel
             vals = [np.mean([r["ndcg@10_by_bucket"][k] or 0.0 for r in g[(ds, rc)].values()])
                     for k in ("head", "torso", "tail")]
-            ax.bar(np.arange(3) + (i - 1) * 0.27, vals, width=0.27, label=label)
+            ax.bar(np.arange(3) + (i - (len(bars) - 1) / 2) * width, vals, width=width, label=label, color=f"C{j}")
         ax.set_xticks(range(3), ["head", "torso", "tail"])
         ax.set_title(ds, fontsize=9)
         ax.set_ylabel("test NDCG@10")
