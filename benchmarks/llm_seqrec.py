@@ -201,6 +201,8 @@ ABLATION_OF = {"fused-filter": "fused", "fused-filter+itemknn": "fused+itemknn-f
 # an llm-seqrec recipe is also paired with the SASRec recipe that shares its encoder options (issue 17's baseline)
 SAME_ENCODER = {"fused-filter7-blk-mlp": "sasrec-filter7-blk", "fused-filter7-blk-dual": "sasrec-filter7-blk",
                 "mlp+itemknn": "sasrec-filter7-blk+itemknn"}
+# the references a recipe is paired with beyond the baselines and the mixture pairs (from the two maps above)
+EXTRA_REFS = {rc: [m[rc] for m in (ABLATION_OF, SAME_ENCODER) if rc in m] for rc in {*ABLATION_OF, *SAME_ENCODER}}
 DETERMINISTIC = ("itemknn", "popularity")
 
 
@@ -416,8 +418,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                       + f" | {ep} | {_wall_min(rs)} ({_cpu_min(rs)}{_with_members_cpu(g, ds, rc, rs)})"
                       + f" | {max(r['peak_rss_mb'] for r in rs):.0f} |")
         md += [""]
-        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values(), *ABLATION_OF.values(), *SAME_ENCODER.values())
-                if (ds, rc) in g}
+        base = {rc: g[(ds, rc)] for rc in (*BASELINES, *PAIRED_MIXTURE.values(), *ABLATION_OF.values(),
+                                           *SAME_ENCODER.values()) if (ds, rc) in g}
         if base:
             best = max((rc for rc in base if rc in BASELINES),
                        key=lambda rc: np.mean([r["valid_ndcg@10"] for r in base[rc].values()]))
@@ -426,8 +428,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                 if rc in BASELINES:
                     continue
                 refs = (["sasrec-tuned", best] + [ref for end, ref in PAIRED_MIXTURE.items() if rc.endswith(end)]
-                        + ([ABLATION_OF[rc]] if rc in ABLATION_OF else [])
-                        + ([SAME_ENCODER[rc]] if rc in SAME_ENCODER else []))
+                        + EXTRA_REFS.get(rc, []))
                 for ref in dict.fromkeys(r for r in refs if r != rc):
                     if ref not in base:
                         continue
@@ -459,7 +460,7 @@ BUCKET_BARS = [("sasrec-tuned", "id only"), ("text", "text only"), ("fused", "id
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Per-popularity-bucket NDCG@10, id-only (tuned SASRec) vs text-fused, one panel per dataset."""
+    """Per-popularity-bucket NDCG@10 of the ``BUCKET_BARS`` recipes present, one panel per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
